@@ -1,0 +1,160 @@
+"""``RACECalculator``: the ASE calculator with predictive variances (SPEC §5)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from .. import _keys as K
+from ..graph import MIN_DISTANCE, NeighbourCache, from_atoms
+from ..modelfile import Calibration, ModelBundle, load_model
+from ..nn import TORCH_DTYPES
+from ..posteriors import Posterior, Prediction
+
+_VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+
+
+def _voigt(tensor: np.ndarray) -> np.ndarray:
+    """(3, 3) → (6,) in ASE's Voigt order xx, yy, zz, yz, xz, xy."""
+    return np.array([tensor[a, b] for a, b in _VOIGT])
+
+
+class RACECalculator(Calculator):
+    """ASE calculator for a RACE model file, reporting variances alongside every property.
+
+    One :meth:`calculate` fills every property below, so MD, optimisers and loggers that ask
+    for several of them cost one network evaluation per step. Units: eV, Å, eV/Å, eV/Å³;
+    ``*_var`` are variances (squared units), ``*_std`` their square roots.
+
+    ======================== =========== =======================================================
+    property                 shape       meaning
+    ======================== =========== =======================================================
+    energy, free_energy      float       predictive mean energy (eV)
+    energies                 (n,)        per-atom energy contributions (eV), summing to energy
+    forces                   (n, 3)      −∂E/∂r (eV/Å)
+    stress                   (6,)        Voigt, periodic cells only (eV/Å³)
+    energy_var / _std        float       total predictive variance (eV²) / std (eV)
+    energy_var_aleatoric     float       data-noise part (eV²)
+    energy_var_epistemic     float       model-uncertainty part (eV²); 0 for a single model
+    forces_cov               (n, 3, 3)   total per-atom force covariance ((eV/Å)²)
+    forces_var / _std        (n, 3)      its diagonal / square root
+    forces_var_aleatoric     (n, 3)      data-noise part
+    forces_var_epistemic     (n, 3)      model part; 0 for a single model
+    stress_var               (6,)        epistemic stress variance ((eV/Å³)²); 0 for one model
+    max_forces_std           float       max_i √(trace forces_cov_i) (eV/Å)
+    energy_ensemble          (M,)        member/sample energies (sampling posteriors only)
+    forces_ensemble          (M, n, 3)   member/sample forces (sampling posteriors only)
+    ======================== =========== =======================================================
+
+    Calibration factors stored in the model file multiply both parts of every variance.
+
+    Args:
+        model: path to a model file, the name of a shipped model, or a loaded
+            :class:`~ase_race.modelfile.ModelBundle` / :class:`~ase_race.posteriors.Posterior`.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available, else CPU).
+        dtype: ``torch.float32``/``torch.float64`` or their names (default: the model's).
+        skin: neighbour-list skin (Å); the list is rebuilt only when an atom moved more than
+            ``skin / 2`` or the cell, pbc or atom count changed.
+        min_distance: atoms closer than this (Å) are refused as overlapping.
+    """
+
+    implemented_properties = (
+        K.ENERGY, K.FREE_ENERGY, K.ENERGIES, K.FORCES, "stress",
+        K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC,
+        K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_EPISTEMIC,
+        K.FORCES_COV, K.STRESS_VAR, K.MAX_FORCES_STD, K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE,
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        model: str | os.PathLike | ModelBundle | Posterior,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        skin: float = 0.5,
+        min_distance: float = MIN_DISTANCE,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            dtype = TORCH_DTYPES[dtype]
+        if isinstance(model, Posterior):
+            model = ModelBundle(model)
+        if isinstance(model, ModelBundle):
+            model.posterior.to(device=device, dtype=dtype)
+            bundle = model
+        else:
+            bundle = load_model(model, device=device, dtype=dtype)
+        self.bundle = bundle
+        self.posterior: Posterior = bundle.posterior
+        self.calibration: Calibration = bundle.calibration
+        self.device = torch.device(device)
+        self.dtype = self.posterior.dtype
+        self.min_distance = float(min_distance)
+        self.neighbours = NeighbourCache(self.posterior.config.r_max, skin)
+        #: number of network evaluations (one per calculate())
+        self.n_evaluations = 0
+
+    @property
+    def species(self) -> tuple[int, ...]:
+        return self.posterior.config.species
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if "numbers" in system_changes:
+            self.neighbours.reset()
+        atoms = self.atoms
+        graph = from_atoms(
+            atoms,
+            self.species,
+            self.posterior.config.r_max,
+            cache=self.neighbours,
+            min_distance=self.min_distance,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        periodic = bool(atoms.pbc.all())
+        prediction = self.posterior.predict(graph, compute_stress=periodic)
+        self.n_evaluations += 1
+        self.results = self._results(prediction, periodic)
+
+    def _results(self, p: Prediction, periodic: bool) -> dict:
+        """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats."""
+        cal = self.calibration
+        as_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        e_ale = float(p.energy_var_aleatoric[0]) * cal.energy_var_scale
+        e_epi = float(p.energy_var_epistemic[0]) * cal.energy_var_scale
+        cov_ale = as_np(p.forces_cov_aleatoric) * cal.forces_var_scale
+        cov_epi = as_np(p.forces_cov_epistemic) * cal.forces_var_scale
+        cov = cov_ale + cov_epi
+        diag = lambda c: np.diagonal(c, axis1=1, axis2=2).copy()  # noqa: E731
+        forces_var = diag(cov)
+        energy = float(p.energy[0])
+        results = {
+            K.ENERGY: energy,
+            K.FREE_ENERGY: energy,
+            K.ENERGIES: as_np(p.node_energy),
+            K.FORCES: as_np(p.forces),
+            K.ENERGY_VAR: e_ale + e_epi,
+            K.ENERGY_STD: float(np.sqrt(e_ale + e_epi)),
+            K.ENERGY_VAR_ALEATORIC: e_ale,
+            K.ENERGY_VAR_EPISTEMIC: e_epi,
+            K.FORCES_COV: cov,
+            K.FORCES_VAR: forces_var,
+            K.FORCES_STD: np.sqrt(forces_var),
+            K.FORCES_VAR_ALEATORIC: diag(cov_ale),
+            K.FORCES_VAR_EPISTEMIC: diag(cov_epi),
+            K.MAX_FORCES_STD: float(np.sqrt(forces_var.sum(axis=1).max(initial=0.0))),
+        }
+        if periodic:
+            results["stress"] = _voigt(as_np(p.stress[0]))
+            results[K.STRESS_VAR] = _voigt(as_np(p.stress_var_epistemic[0])) * cal.stress_var_scale
+        if p.energy_ensemble is not None:
+            results[K.ENERGY_ENSEMBLE] = as_np(p.energy_ensemble[:, 0])
+        if p.forces_ensemble is not None:
+            results[K.FORCES_ENSEMBLE] = as_np(p.forces_ensemble)
+        return results

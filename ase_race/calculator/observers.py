@@ -1,0 +1,64 @@
+"""Keep uncertainties with the structures: copy them into ``atoms.info`` / ``atoms.arrays``.
+
+ASE's extxyz and trajectory writers store only standard calculator properties, so the
+variances a ``RACECalculator`` reports would be dropped. :func:`store_uncertainties` copies
+them under ``race_``-prefixed names, which extxyz keeps (scalars as frame info, per-atom arrays
+as columns):
+
+=============================== ============ ===========
+atoms.info key                  type         unit
+=============================== ============ ===========
+race_energy_var                 float        eV²
+race_energy_std                 float        eV
+race_energy_var_aleatoric       float        eV²
+race_energy_var_epistemic       float        eV²
+race_max_forces_std             float        eV/Å
+race_stress_var (periodic only) (6,)         (eV/Å³)²
+=============================== ============ ===========
+
+``atoms.arrays`` gets ``race_forces_var``, ``race_forces_std``, ``race_forces_var_aleatoric``
+and ``race_forces_var_epistemic``, each (n, 3).
+"""
+
+from __future__ import annotations
+
+from ase import Atoms
+from ase.io import write
+
+from .. import _keys as K
+
+INFO_KEYS = (K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC, K.MAX_FORCES_STD, K.STRESS_VAR)
+ARRAY_KEYS = (K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_EPISTEMIC)
+
+
+def store_uncertainties(atoms: Atoms) -> Atoms:
+    """Copy the uncertainties of ``atoms.calc``'s last results into ``atoms`` (returns it).
+
+    Raises ``RuntimeError`` if the calculator holds no results for these atoms.
+    """
+    calc = atoms.calc
+    if calc is None or K.ENERGY_VAR not in getattr(calc, "results", {}):
+        raise RuntimeError("atoms have no RACECalculator results yet; call atoms.get_potential_energy() first")
+    for key in INFO_KEYS:
+        if key in calc.results:
+            atoms.info[K.INFO_PREFIX + key] = calc.results[key]
+    for key in ARRAY_KEYS:
+        atoms.arrays[K.INFO_PREFIX + key] = calc.results[key].copy()
+    return atoms
+
+
+class UncertaintyWriter:
+    """Dynamics observer that appends the current frame, with uncertainties, to an extxyz file.
+
+    Usage: ``dyn.attach(UncertaintyWriter(atoms, "md.extxyz"), interval=10)``.
+    """
+
+    def __init__(self, atoms: Atoms, filename: str, append: bool = False):
+        self.atoms = atoms
+        self.filename = filename
+        self._first = not append
+
+    def __call__(self) -> None:
+        store_uncertainties(self.atoms)
+        write(self.filename, self.atoms, format="extxyz", append=not self._first)
+        self._first = False

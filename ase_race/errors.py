@@ -1,0 +1,28 @@
+"""Exceptions raised by ``ase_race``, rooted in ASE's calculator error family.
+
+Catching :class:`ase.calculators.calculator.CalculatorError` catches all of them, and each
+also derives from the builtin a caller would naturally expect (``ValueError`` for bad input,
+``ReadError`` for an unreadable model file).
+"""
+
+from ase.calculators.calculator import CalculatorError, InputError, ReadError
+
+
+class RaceError(CalculatorError):
+    """Base class of every error raised by ``ase_race``."""
+
+
+class ConfigError(RaceError, ValueError):
+    """A configuration value is unknown, missing or out of range."""
+
+
+class StructureError(RaceError, InputError, ValueError):
+    """An ``ase.Atoms`` object the model cannot evaluate (NaN positions, overlapping atoms, ...)."""
+
+
+class UnknownElementError(StructureError):
+    """The structure contains an element the model was not trained on."""
+
+
+class ModelFileError(RaceError, ReadError):
+    """A model file is foreign, truncated, unsafe (pickled objects) or from a newer version."""

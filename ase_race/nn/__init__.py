@@ -1,0 +1,5 @@
+"""The RACE network and its building blocks."""
+
+from .model import RACE, TORCH_DTYPES
+
+__all__ = ["RACE", "TORCH_DTYPES"]

@@ -1,0 +1,177 @@
+"""RACE: the full network from an atomic graph to energies, forces, stress and their variances.
+
+    E    = Σ_i (scale · e_i + shift + E0(Z_i))                      eV
+    F    = −∂E/∂r                                                    eV/Å
+    σ    = −(1/V) ∂E/∂ε  (ASE sign: stress = (1/V) ∂E/∂ε)             eV/Å³
+    σ_i² = scale² · exp(ℓ_i)                                        eV²
+
+where e_i, ℓ_i and the force-covariance parameters are sums over layers of the per-layer
+readouts (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .. import _keys as K
+from ..config import ModelConfig
+from ..graph import AtomicGraph
+from . import heads
+from .layers import Interaction, Readout
+from .radial import RadialEmbedding
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class RACE(nn.Module):
+    """The RACE network built from a :class:`ModelConfig` (its only constructor argument).
+
+    The weights are created in ``config.dtype``; torch's global default dtype is neither read
+    nor changed.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dtype = TORCH_DTYPES[config.dtype]
+        n_species = len(config.species)
+        mul = config.hidden_multiplicity
+        hidden = o3.Irreps(config.hidden_irreps)
+        embed = o3.Irreps(f"{config.num_features}x0e")
+        self.irreps_sh = o3.Irreps.spherical_harmonics(config.sh_lmax)
+
+        self.embedding = nn.Linear(n_species, config.num_features, bias=False)
+        self.restrat = nn.Linear(config.num_features, mul, bias=False)
+        self.spherical_harmonics = o3.SphericalHarmonics(
+            self.irreps_sh, normalize=True, normalization="component"
+        )
+        self.radial = RadialEmbedding(config.r_max, config.num_bessel, config.envelope_p)
+        self.layers = nn.ModuleList(
+            Interaction(
+                embed if t == 0 else hidden,
+                hidden,
+                self.irreps_sh,
+                config.num_bessel,
+                config.radial_mlp,
+                n_species,
+                config.avg_num_neighbors,
+            )
+            for t in range(config.num_layers)
+        )
+        if config.force_cov == "equivariant":
+            n_scalars, n_vectors = 3, config.n_cov_vectors  # e, ℓ, s | u_1 … u_K
+        else:
+            n_scalars, n_vectors = 8, 0  # e, ℓ, 6 Cholesky parameters
+        self.n_scalars, self.n_vectors = n_scalars, n_vectors
+        self.readouts = nn.ModuleList(
+            Readout(hidden, config.readout_hidden, n_scalars, n_vectors)
+            for _ in range(config.num_layers)
+        )
+        self.to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.config.dtype]
+
+    def node_outputs(
+        self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom head outputs summed over layers, before scaling.
+
+        Args:
+            graph: atomic graph (species, batch, edge_index, edge_shifts).
+            positions: (n_atoms, 3) Å; passed separately so it may carry a strain.
+            cell: (n_graphs, 3, 3) Å.
+        Returns:
+            scalars (n_atoms, n_scalars): e_i, ℓ_i, then the force-covariance scalars;
+            vectors (n_atoms, K, 3): the u_ik of the equivariant covariance (K = 0 otherwise).
+        """
+        onehot = torch.nn.functional.one_hot(graph[K.SPECIES], len(self.config.species)).to(
+            positions.dtype
+        )
+        centre, neighbour = graph[K.EDGE_INDEX]
+        shift_vectors = torch.einsum("ec,ecd->ed", graph[K.EDGE_SHIFTS], cell[graph[K.BATCH][centre]])
+        vectors = positions[neighbour] - positions[centre] + shift_vectors
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        edge_sh = self.spherical_harmonics(vectors)
+        edge_rbf = self.radial(lengths)
+
+        features = self.embedding(onehot)
+        restrat = self.restrat(features)
+        out = positions.new_zeros(positions.shape[0], self.readouts[0].irreps_out.dim)
+        for layer, readout in zip(self.layers, self.readouts):
+            features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX])
+            out = out + readout(features)
+        scalars = out[:, : self.n_scalars]
+        vectors_out = out[:, self.n_scalars :].reshape(-1, self.n_vectors, 3)
+        return scalars, vectors_out
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Evaluate the network.
+
+        Args:
+            graph: atomic graph in the model's dtype.
+            (Energies are always returned in float64; everything else in the model's dtype.)
+            compute_forces: also return forces (autograd).
+            compute_stress: also return stress and virial (autograd; periodic cells only).
+            create_graph: keep the graph of the derivatives (for training on forces).
+        Returns:
+            dict with ``node_energy`` (n,), ``energy`` (B,), ``node_log_var`` (n,),
+            ``energy_var`` (B,), ``forces_cov`` (n, 3, 3) and, as requested, ``forces`` (n, 3),
+            ``stress`` and ``virial`` (B, 3, 3).
+        """
+        cfg = self.config
+        batch = graph[K.BATCH]
+        n_graphs = graph[K.CELL].shape[0]
+        positions, cell = graph[K.POSITIONS], graph[K.CELL]
+        inputs = []
+        if compute_forces:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        if compute_stress:
+            strain = positions.new_zeros(n_graphs, 3, 3).requires_grad_(True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            positions = positions + torch.einsum("ni,nij->nj", positions, sym[batch])
+            cell = cell + torch.einsum("bij,bjk->bik", cell, sym)
+            inputs.append(strain)
+
+        scalars, vectors = self.node_outputs(graph, positions, cell)
+        # E0s are large (≈ −1000 eV per heavy atom): add them in float64 so that a float32 model
+        # does not round total energies to ~10 meV.
+        e0s = torch.tensor(cfg.e0s, dtype=torch.float64, device=scalars.device)
+        node_energy = (cfg.scale * scalars[:, 0] + cfg.shift).double() + e0s[graph[K.SPECIES]]
+        energy = node_energy.new_zeros(n_graphs).index_add(0, batch, node_energy)
+        node_log_var = scalars[:, 1] + 2.0 * math.log(cfg.scale)
+        if cfg.force_cov == "equivariant":
+            forces_cov = heads.covariance_equivariant(scalars[:, 2], vectors, cfg.scale, cfg.cov_eps)
+        else:
+            forces_cov = heads.covariance_cholesky(scalars[:, 2:8], cfg.scale, cfg.cov_eps)
+        out = {
+            K.NODE_ENERGY: node_energy,
+            K.ENERGY: energy,
+            K.NODE_LOG_VAR: node_log_var,
+            K.ENERGY_VAR: heads.energy_variance(node_log_var, batch, n_graphs, cfg.energy_var),
+            K.FORCES_COV: forces_cov,
+        }
+        if inputs:
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=create_graph, retain_graph=create_graph
+            )
+            if compute_forces:
+                out[K.FORCES] = -grads[0]
+            if compute_stress:
+                volume = torch.linalg.det(graph[K.CELL]).abs()
+                virial = -grads[-1]
+                out[K.VIRIAL] = virial
+                out[K.STRESS] = -virial / volume[:, None, None]
+        return out

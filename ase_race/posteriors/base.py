@@ -1,0 +1,101 @@
+"""The posterior interface: what the trainer produces and the calculator consumes.
+
+A :class:`Posterior` wraps one or more RACE networks and turns an atomic graph into a
+:class:`Prediction`, with the variance already split into its aleatoric and epistemic parts.
+Implementations register themselves by ``kind``; :func:`make_posterior` and the model file
+look them up there.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..graph import AtomicGraph
+
+
+@dataclass
+class Prediction:
+    """Posterior predictive for a batch of ``B`` structures with ``n`` atoms in total.
+
+    Variances are in squared units. ``*_epistemic`` are zero for single-model posteriors.
+    """
+
+    energy: torch.Tensor  # (B,) eV
+    node_energy: torch.Tensor  # (n,) eV
+    energy_var_aleatoric: torch.Tensor  # (B,) eV²
+    energy_var_epistemic: torch.Tensor  # (B,) eV²
+    forces_cov_aleatoric: torch.Tensor  # (n, 3, 3) (eV/Å)²
+    forces_cov_epistemic: torch.Tensor  # (n, 3, 3) (eV/Å)²
+    forces: torch.Tensor | None = None  # (n, 3) eV/Å
+    stress: torch.Tensor | None = None  # (B, 3, 3) eV/Å³
+    stress_var_epistemic: torch.Tensor | None = None  # (B, 3, 3) (eV/Å³)², per component
+    energy_ensemble: torch.Tensor | None = None  # (M, B) eV, sampling posteriors only
+    forces_ensemble: torch.Tensor | None = None  # (M, n, 3) eV/Å, sampling posteriors only
+
+    @property
+    def energy_var(self) -> torch.Tensor:
+        """Total energy variance (B,) eV²."""
+        return self.energy_var_aleatoric + self.energy_var_epistemic
+
+    @property
+    def forces_cov(self) -> torch.Tensor:
+        """Total force covariance (n, 3, 3) (eV/Å)²."""
+        return self.forces_cov_aleatoric + self.forces_cov_epistemic
+
+
+class Posterior(ABC):
+    """An approximate posterior over RACE weights with a predictive for atomic graphs."""
+
+    kind: ClassVar[str]
+    _registry: ClassVar[dict[str, type["Posterior"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            Posterior._registry[cls.kind] = cls
+
+    @property
+    @abstractmethod
+    def config(self) -> ModelConfig:
+        """Hyperparameters of the underlying network(s)."""
+
+    @abstractmethod
+    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
+        """Predictive mean and variances for ``graph`` (forces always, stress on request)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (and plain values) that, with the config, rebuild this posterior."""
+
+    @classmethod
+    @abstractmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "Posterior":
+        """Inverse of :meth:`state_dict`."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Posterior":
+        """Move to ``device`` and/or cast to ``dtype`` (returns self)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        from ..nn import TORCH_DTYPES
+
+        return TORCH_DTYPES[self.config.dtype]
+
+
+def posterior_class(kind: str) -> type[Posterior]:
+    """The registered posterior class for ``kind``."""
+    from . import mve  # noqa: F401  (registers the built-in kinds)
+
+    try:
+        return Posterior._registry[kind]
+    except KeyError:
+        raise ConfigError(
+            f"unknown posterior kind {kind!r}; known kinds are {sorted(Posterior._registry)}"
+        ) from None

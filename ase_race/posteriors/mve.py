@@ -1,0 +1,67 @@
+"""Mean–variance estimation (MVE): one network, aleatoric uncertainty only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _keys as K
+from ..config import ModelConfig
+from ..graph import AtomicGraph
+from ..nn import RACE, TORCH_DTYPES
+from .base import Posterior, Prediction
+
+
+class MVEPosterior(Posterior):
+    """A single RACE network with mean–variance heads.
+
+    The predictive is the network's own Gaussian: energy variance from the energy head, force
+    covariance from the force head. Epistemic parts are exactly zero (one model has no spread
+    over weights); ``stress_var`` is therefore zero too, since there is no stress variance head.
+    """
+
+    kind = "mve"
+
+    def __init__(self, model: RACE):
+        self.model = model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
+        out = self.model(graph, compute_forces=True, compute_stress=compute_stress)
+        energy = out[K.ENERGY].detach()
+        cov = out[K.FORCES_COV].detach()
+        stress = out[K.STRESS].detach() if compute_stress else None
+        return Prediction(
+            energy=energy,
+            node_energy=out[K.NODE_ENERGY].detach(),
+            energy_var_aleatoric=out[K.ENERGY_VAR].detach(),
+            energy_var_epistemic=torch.zeros_like(energy),
+            forces_cov_aleatoric=cov,
+            forces_cov_epistemic=torch.zeros_like(cov),
+            forces=out[K.FORCES].detach(),
+            stress=stress,
+            stress_var_epistemic=torch.zeros_like(stress) if compute_stress else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": dict(self.model.state_dict())}
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "MVEPosterior":
+        model = RACE(config)
+        model.load_state_dict(state["weights"])
+        return cls(model)
+
+    def to(self, device=None, dtype=None) -> "MVEPosterior":
+        if dtype is not None and dtype != self.dtype:
+            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+            model = RACE(self.model.config.replace(dtype=name))
+            model.load_state_dict(self.model.state_dict())
+            self.model = model
+        self.model.to(device=device)
+        self.model.eval()
+        return self
