@@ -63,11 +63,9 @@ def covariance_cholesky(params: torch.Tensor, scale: float, eps: float) -> torch
     Returns:
         (n_atoms, 3, 3) in (eV/Å)².
     """
-    n = params.shape[0]
-    chol = params.new_zeros(n, 3, 3)
-    idx = torch.arange(3, device=params.device)
-    chol = chol.index_put((slice(None), idx, idx), params[:, 0:3].exp())
-    rows, cols = torch.tensor([1, 2, 2]), torch.tensor([0, 0, 1])
-    chol = chol.index_put((slice(None), rows, cols), params[:, 3:6])
+    diagonal = torch.diag_embed(params[:, 0:3].exp())
+    lower = params.new_zeros(params.shape[0], 3, 3)
+    lower[:, 1, 0], lower[:, 2, 0], lower[:, 2, 1] = params[:, 3], params[:, 4], params[:, 5]
+    chol = diagonal + lower
     eye = torch.eye(3, dtype=params.dtype, device=params.device)
     return scale**2 * chol @ chol.transpose(1, 2) + eps * eye

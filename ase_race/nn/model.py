@@ -107,7 +107,7 @@ class RACE(nn.Module):
             features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX])
             out = out + readout(features)
         scalars = out[:, : self.n_scalars]
-        vectors_out = out[:, self.n_scalars :].reshape(-1, self.n_vectors, 3)
+        vectors_out = out[:, self.n_scalars :].reshape(out.shape[0], self.n_vectors, 3)
         return scalars, vectors_out
 
     def forward(

@@ -1,0 +1,34 @@
+import pytest
+import torch
+from ase.build import bulk, molecule
+
+from ase_race.testing import random_posterior
+
+
+@pytest.fixture(autouse=True)
+def _global_torch_state_untouched():
+    """Every test also checks that ase_race left torch's global state alone."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    assert torch.get_default_dtype() == dtype, "torch default dtype was changed"
+    assert torch.get_num_threads() == threads, "torch thread count was changed"
+
+
+@pytest.fixture
+def ethanol():
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+@pytest.fixture
+def silicon():
+    atoms = bulk("Si", "diamond", a=5.43) * (1, 1, 2)
+    atoms.rattle(0.05, seed=4)
+    return atoms
+
+
+@pytest.fixture(scope="session")
+def posterior64():
+    """Tiny float64 model knowing H, C, O, Si, with noticeable forces."""
+    return random_posterior("tiny", seed=7, species=(1, 6, 8, 14), scale=2.0)

@@ -1,0 +1,146 @@
+"""Physics of the RACE network: symmetry, conservative forces, stress, extensivity, smoothness."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.build import molecule
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+
+from ase_race import RACECalculator
+from ase_race.config import ModelConfig
+from ase_race.testing import (
+    finite_difference_forces,
+    finite_strain_stress,
+    random_orthogonal,
+    random_posterior,
+    transform,
+)
+
+
+def evaluate(posterior, atoms):
+    atoms = atoms.copy()
+    atoms.calc = RACECalculator(posterior)
+    atoms.get_potential_energy()
+    return atoms.calc.results
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_invariance_and_covariance(posterior64, ethanol, reflect):
+    rot = random_orthogonal(11, reflect=reflect)
+    perm = np.random.default_rng(1).permutation(len(ethanol))
+    ref = evaluate(posterior64, ethanol)
+    new = evaluate(posterior64, transform(ethanol, rot, translation=(1.0, -2.0, 0.5), permutation=perm))
+    np.testing.assert_allclose(new["energy"], ref["energy"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(new["energy_var"], ref["energy_var"], rtol=1e-10)
+    np.testing.assert_allclose(new["energies"], ref["energies"][perm], atol=1e-10)
+    np.testing.assert_allclose(new["forces"], ref["forces"][perm] @ rot.T, atol=1e-10)
+    # Total per-atom force variance (trace) is invariant; the covariance rotates as R Σ Rᵀ.
+    np.testing.assert_allclose(new["forces_var"].sum(1), ref["forces_var"].sum(1)[perm], rtol=1e-10)
+    np.testing.assert_allclose(new["forces_cov"], rot @ ref["forces_cov"][perm] @ rot.T, atol=1e-12)
+    np.testing.assert_allclose(new["max_forces_std"], ref["max_forces_std"], rtol=1e-10)
+
+
+def test_cholesky_covariance_is_not_equivariant(ethanol):
+    """The paper's lab-frame Cholesky form gives Σ(Rx) ≠ R Σ(x) Rᵀ (documented, not hidden)."""
+    post = random_posterior("tiny", seed=3, species=(1, 6, 8), force_cov="cholesky")
+    rot = random_orthogonal(5)
+    ref = evaluate(post, ethanol)
+    new = evaluate(post, transform(ethanol, rot))
+    # Its entries are built from invariants, so Σ itself is unchanged under rotation ...
+    np.testing.assert_allclose(new["forces_cov"], ref["forces_cov"], rtol=1e-9)
+    # ... which is not how a covariance of rotated forces must transform.
+    rotated = rot @ ref["forces_cov"] @ rot.T
+    assert np.abs(new["forces_cov"] - rotated).max() > 1e-3 * np.abs(rotated).max()
+    # Energies and forces are still equivariant.
+    np.testing.assert_allclose(new["forces"], ref["forces"] @ rot.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["ethanol", "silicon"])
+def test_forces_are_minus_energy_gradient(posterior64, request, name):
+    atoms = request.getfixturevalue(name)
+    atoms.calc = RACECalculator(posterior64)
+    forces = atoms.get_forces()
+    assert np.abs(forces).max() > 1e-3  # the check below is not vacuous
+    np.testing.assert_allclose(forces, finite_difference_forces(atoms, 1e-4), atol=1e-7)
+
+
+def test_stress_is_finite_strain_derivative(posterior64, silicon):
+    silicon.calc = RACECalculator(posterior64)
+    stress = silicon.get_stress()
+    assert np.abs(stress).max() > 1e-5
+    np.testing.assert_allclose(stress, finite_strain_stress(silicon, 1e-5), atol=1e-9)
+
+
+def test_supercell_is_extensive(posterior64, silicon):
+    small = evaluate(posterior64, silicon)
+    big = evaluate(posterior64, silicon * (2, 2, 2))
+    np.testing.assert_allclose(big["energy"], 8 * small["energy"], rtol=1e-10)
+    np.testing.assert_allclose(big["energy_var"], 8 * small["energy_var"], rtol=1e-10)
+    np.testing.assert_allclose(big["forces"], np.tile(small["forces"], (8, 1)), atol=1e-10)
+    np.testing.assert_allclose(big["stress"], small["stress"], atol=1e-10)
+
+
+def test_paper_energy_variance_does_not_grow_with_size(silicon):
+    post = random_posterior("tiny", seed=2, species=(14,), energy_var="paper")
+    small, big = evaluate(post, silicon), evaluate(post, silicon * (2, 2, 2))
+    np.testing.assert_allclose(big["energy_var"], small["energy_var"], rtol=1e-10)
+
+
+def test_energy_is_smooth_across_the_cutoff():
+    """A third atom leaving the cutoff sphere of the other two: E and F go smoothly to their
+    limits (the envelope and its first two derivatives vanish at r_c)."""
+    post = random_posterior("tiny", seed=4, species=(1, 8), scale=5.0)
+    r_c = post.config.r_max
+
+    def energy_and_force(distance_to_o):
+        # Atom 2 on the −x axis, O between it and the H: its distance to O is its last contact.
+        atoms = Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-distance_to_o, 0, 0]])
+        atoms.calc = RACECalculator(post)
+        return atoms.get_potential_energy(), -atoms.get_forces()[2, 0]
+
+    far_e, far_f = energy_and_force(r_c + 0.5)
+    assert far_f == 0.0  # beyond the cutoff of both atoms, nothing acts on it
+    gaps = [abs(energy_and_force(r_c - d)[0] - far_e) for d in (0.2, 0.02)]
+    assert gaps[0] > 1e-8  # the atom does interact inside the cutoff …
+    assert gaps[1] < gaps[0] * 1e-3  # … and the energy joins its far value smoothly
+    assert abs(energy_and_force(r_c - 1e-3)[1]) < 1e-9  # the force vanishes at r_c
+    assert energy_and_force(r_c + 1e-6)[0] == far_e  # just outside: exactly the far value
+
+
+def test_nve_conserves_energy(posterior64):
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = RACECalculator(posterior64)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=0.5 * units.fs)
+    totals, kinetic = [], []
+    dyn.attach(lambda: (totals.append(atoms.get_total_energy()), kinetic.append(atoms.get_kinetic_energy())))
+    dyn.run(1000)
+    drift = max(totals) - min(totals)
+    swing = max(kinetic) - min(kinetic)
+    assert swing > 0.02  # forces do real work on the atoms
+    # Stated bound: total energy stays within 1e-3 of the kinetic-energy swing over 1000 steps.
+    assert drift < 1e-3 * swing, (drift, swing)
+    assert atoms.calc.n_evaluations == 1001
+
+
+def test_float32_agrees_with_float64(posterior64, ethanol):
+    ref = evaluate(posterior64, ethanol)
+    atoms = ethanol.copy()
+    post32 = random_posterior("tiny", seed=7, species=(1, 6, 8, 14), scale=2.0)
+    atoms.calc = RACECalculator(post32, dtype="float32")
+    assert atoms.calc.posterior.model.embedding.weight.dtype == torch.float32
+    np.testing.assert_allclose(atoms.get_potential_energy(), ref["energy"], atol=1e-5)
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"], atol=1e-5)
+
+
+def test_config_round_trip_and_strictness():
+    cfg = ModelConfig.from_preset("paper", species=(1, 6, 7, 8), e0s=(-13.6, -1029.0, -1484.0, -2042.0))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({**cfg.to_dict(), "num_layer": 3})
+    with pytest.raises(ValueError, match="one multiplicity"):
+        ModelConfig(hidden_irreps="16x0e+8x1o")
+    with pytest.raises(ValueError, match="force_cov"):
+        ModelConfig(force_cov="diagonal")
