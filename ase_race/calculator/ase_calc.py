@@ -59,6 +59,9 @@ class RACECalculator(Calculator):
         skin: neighbour-list skin (Å); the list is rebuilt only when an atom moved more than
             ``skin / 2`` or the cell, pbc or atom count changed.
         min_distance: atoms closer than this (Å) are refused as overlapping.
+        edge_chunk: structures with more edges than this (about 300 atoms of a liquid at
+            r_c = 5 Å) are evaluated in edge chunks with activation checkpointing: the same
+            numbers with bounded memory, at some extra time; ``None`` turns chunking off.
     """
 
     implemented_properties = (
@@ -75,6 +78,7 @@ class RACECalculator(Calculator):
         dtype: torch.dtype | str | None = None,
         skin: float = 0.5,
         min_distance: float = MIN_DISTANCE,
+        edge_chunk: int | None = 4096,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -95,6 +99,7 @@ class RACECalculator(Calculator):
         self.device = torch.device(device)
         self.dtype = self.posterior.dtype
         self.min_distance = float(min_distance)
+        self.edge_chunk = edge_chunk
         self.neighbours = NeighbourCache(self.posterior.config.r_max, skin)
         #: number of network evaluations (one per calculate())
         self.n_evaluations = 0
@@ -118,7 +123,7 @@ class RACECalculator(Calculator):
             device=self.device,
         )
         periodic = bool(atoms.pbc.all())
-        prediction = self.posterior.predict(graph, compute_stress=periodic)
+        prediction = self.posterior.predict(graph, compute_stress=periodic, edge_chunk=self.edge_chunk)
         self.n_evaluations += 1
         self.results = self._results(prediction, periodic)
 

@@ -12,6 +12,7 @@ import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def channel_index(irreps: o3.Irreps, per_block: bool) -> torch.Tensor:
@@ -101,6 +102,7 @@ class Interaction(nn.Module):
         edge_sh: torch.Tensor,
         edge_rbf: torch.Tensor,
         edge_index: torch.Tensor,
+        edge_chunk: int | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -110,20 +112,42 @@ class Interaction(nn.Module):
             edge_sh: Y(r̂_ij), (e, irreps_sh.dim).
             edge_rbf: radial embedding, (e, n_rbf).
             edge_index: (2, e), rows (i, j).
+            edge_chunk: when set and ``e`` is larger, process edges in chunks of this size with
+                activation checkpointing (same result, bounded memory).
         Returns:
             A^t, (n, irreps_hidden.dim).
         """
         centre, neighbour = edge_index[0], edge_index[1]
         skip = self.skip(features, species_onehot)
-        h_j = self.up(features)[neighbour]
+        h = self.up(features)
+        n_edges = edge_index.shape[1]
+        if edge_chunk and n_edges > edge_chunk and torch.is_grad_enabled():
+            # Large graphs: evaluate the edges in chunks whose activations are recomputed in
+            # the backward pass instead of stored, so peak memory no longer grows with n_edges
+            # times the message width (about 1.4× the time of the plain path).
+            summed = None
+            for start in range(0, n_edges, edge_chunk):
+                part = slice(start, start + edge_chunk)
+                partial = checkpoint(
+                    self._aggregate, h, edge_sh[part], edge_rbf[part], centre[part], neighbour[part],
+                    use_reentrant=False,
+                )
+                summed = partial if summed is None else summed + partial
+        else:
+            summed = self._aggregate(h, edge_sh, edge_rbf, centre, neighbour)
+        b = self.down(summed * self.inv_sqrt_nbar) * self.inv_sqrt_nbar
+        return self.lin(b * restrat[:, self.restrat_index]) + skip
+
+
+    def _aggregate(self, h, edge_sh, edge_rbf, centre, neighbour) -> torch.Tensor:
+        """Σ_j m_ij for every centre i: (n, message dim)."""
+        h_j = h[neighbour]
         weights = self.radial(edge_rbf)
         w_tp, w_h = weights[:, : self.tp.weight_numel], weights[:, self.tp.weight_numel :]
         message = torch.cat([h_j * w_h[:, self.h_index], self.tp(h_j, edge_sh, w_tp)], dim=-1)
-        summed = torch.zeros(
-            features.shape[0], message.shape[1], dtype=message.dtype, device=message.device
-        ).index_add(0, centre, message)
-        b = self.down(summed * self.inv_sqrt_nbar) * self.inv_sqrt_nbar
-        return self.lin(b * restrat[:, self.restrat_index]) + skip
+        return torch.zeros(h.shape[0], message.shape[1], dtype=message.dtype, device=message.device).index_add(
+            0, centre, message
+        )
 
 
 class Readout(nn.Module):

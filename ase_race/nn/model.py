@@ -78,7 +78,11 @@ class RACE(nn.Module):
         return TORCH_DTYPES[self.config.dtype]
 
     def node_outputs(
-        self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor
+        self,
+        graph: AtomicGraph,
+        positions: torch.Tensor,
+        cell: torch.Tensor,
+        edge_chunk: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-atom head outputs summed over layers, before scaling.
 
@@ -86,6 +90,7 @@ class RACE(nn.Module):
             graph: atomic graph (species, batch, edge_index, edge_shifts).
             positions: (n_atoms, 3) Å; passed separately so it may carry a strain.
             cell: (n_graphs, 3, 3) Å.
+            edge_chunk: see :meth:`forward`.
         Returns:
             scalars (n_atoms, n_scalars): e_i, ℓ_i, then the force-covariance scalars;
             vectors (n_atoms, K, 3): the u_ik of the equivariant covariance (K = 0 otherwise).
@@ -104,7 +109,7 @@ class RACE(nn.Module):
         restrat = self.restrat(features)
         out = positions.new_zeros(positions.shape[0], self.readouts[0].irreps_out.dim)
         for layer, readout in zip(self.layers, self.readouts):
-            features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX])
+            features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX], edge_chunk)
             out = out + readout(features)
         scalars = out[:, : self.n_scalars]
         vectors_out = out[:, self.n_scalars :].reshape(out.shape[0], self.n_vectors, 3)
@@ -116,6 +121,7 @@ class RACE(nn.Module):
         compute_forces: bool = True,
         compute_stress: bool = False,
         create_graph: bool = False,
+        edge_chunk: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Evaluate the network.
 
@@ -125,6 +131,9 @@ class RACE(nn.Module):
             compute_forces: also return forces (autograd).
             compute_stress: also return stress and virial (autograd; periodic cells only).
             create_graph: keep the graph of the derivatives (for training on forces).
+            edge_chunk: for graphs with more edges than this, evaluate messages in chunks with
+                activation checkpointing: identical results, peak memory bounded by the chunk
+                instead of the graph (for inference on large systems; not with create_graph).
         Returns:
             dict with ``node_energy`` (n,), ``energy`` (B,), ``node_log_var`` (n,),
             ``energy_var`` (B,), ``forces_cov`` (n, 3, 3) and, as requested, ``forces`` (n, 3),
@@ -145,7 +154,7 @@ class RACE(nn.Module):
             cell = cell + torch.einsum("bij,bjk->bik", cell, sym)
             inputs.append(strain)
 
-        scalars, vectors = self.node_outputs(graph, positions, cell)
+        scalars, vectors = self.node_outputs(graph, positions, cell, edge_chunk)
         # E0s are large (≈ −1000 eV per heavy atom): add them in float64 so that a float32 model
         # does not round total energies to ~10 meV.
         e0s = torch.tensor(cfg.e0s, dtype=torch.float64, device=scalars.device)

@@ -66,8 +66,13 @@ class Posterior(ABC):
         """Hyperparameters of the underlying network(s)."""
 
     @abstractmethod
-    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
-        """Predictive mean and variances for ``graph`` (forces always, stress on request)."""
+    def predict(
+        self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None
+    ) -> Prediction:
+        """Predictive mean and variances for ``graph`` (forces always, stress on request).
+
+        ``edge_chunk`` bounds memory on large graphs (see :meth:`ase_race.nn.RACE.forward`).
+        """
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:

@@ -30,8 +30,10 @@ class MVEPosterior(Posterior):
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
-        out = self.model(graph, compute_forces=True, compute_stress=compute_stress)
+    def predict(
+        self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None
+    ) -> Prediction:
+        out = self.model(graph, compute_forces=True, compute_stress=compute_stress, edge_chunk=edge_chunk)
         energy = out[K.ENERGY].detach()
         cov = out[K.FORCES_COV].detach()
         stress = out[K.STRESS].detach() if compute_stress else None

@@ -1,0 +1,33 @@
+# A newcomer needs two commands:  make demo  (install + the main job)  and  make test.
+# Both create ./.venv on first use. TORCH picks the torch build: torch==2.13.0 resolves to a
+# local CPU wheel on the project's machines; elsewhere pass e.g. TORCH="torch --index-url ..."
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test benchmark clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: installing the package afterwards then keeps this build instead of
+	# pulling the newest torch with several GB of CUDA libraries.
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ase-race demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
