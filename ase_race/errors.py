@@ -26,3 +26,7 @@ class UnknownElementError(StructureError):
 
 class ModelFileError(RaceError, ReadError):
     """A model file is foreign, truncated, unsafe (pickled objects) or from a newer version."""
+
+
+class DataError(RaceError, ValueError):
+    """A dataset cannot be used as asked (a frame lacks a requested label, no frames, ...)."""

@@ -1,0 +1,188 @@
+"""Read labelled structures from anything ``ase.io`` reads, and from pymatgen objects.
+
+Labels are looked up under the mapped keys first (``atoms.info[keys.energy]``,
+``atoms.arrays[keys.forces]``, ``atoms.info[keys.stress]``) and then among the values ASE
+attached on reading (a ``SinglePointCalculator``: extxyz ``energy=``/``forces``, traj, db).
+A frame that lacks a requested label raises :class:`DataError` naming the file, the frame index
+and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.io import read
+
+from ..errors import DataError
+
+ISOLATED_ATOM_TYPES = ("isolatedatom", "isolated_atom")
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Where labels live in ``atoms.info`` / ``atoms.arrays`` (extxyz keys)."""
+
+    energy: str = "REF_energy"
+    forces: str = "REF_forces"
+    stress: str = "REF_stress"
+    config_type: str = "config_type"
+    config_weight: str = "config_weight"
+
+
+@dataclass
+class Frame:
+    """One labelled structure.
+
+    ``energy`` eV; ``forces`` (n, 3) eV/Å; ``stress`` (3, 3) eV/Å³ (ASE sign); absent labels are
+    ``None``. ``weight`` multiplies the frame's loss terms; ``source`` is ``"FILE: frame I"``.
+    """
+
+    atoms: Atoms
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    weight: float = 1.0
+    config_type: str = "Default"
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_isolated_atom(self) -> bool:
+        return self.config_type.lower() in ISOLATED_ATOM_TYPES
+
+
+def _calc_value(atoms: Atoms, name: str):
+    calc = atoms.calc
+    if calc is None:
+        return None
+    return getattr(calc, "results", {}).get(name)
+
+
+def _stress_3x3(value) -> np.ndarray:
+    value = np.asarray(value, dtype=np.float64)
+    if value.shape == (6,):
+        xx, yy, zz, yz, xz, xy = value
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    if value.shape in ((9,), (3, 3)):
+        return value.reshape(3, 3)
+    raise DataError(f"stress has shape {value.shape}; expected (6,), (9,) or (3, 3)")
+
+
+def frame_from_atoms(
+    atoms: Atoms,
+    keys: KeyMap = KeyMap(),
+    require: Sequence[str] = ("energy", "forces"),
+    source: str = "",
+) -> Frame:
+    """Labels of one ``Atoms`` object; ``require`` lists the labels that must be present."""
+    energy = atoms.info.get(keys.energy, _calc_value(atoms, "energy"))
+    forces = atoms.arrays.get(keys.forces)
+    if forces is None:
+        forces = _calc_value(atoms, "forces")
+    stress = atoms.info.get(keys.stress, _calc_value(atoms, "stress"))
+    config_type = str(atoms.info.get(keys.config_type, "Default"))
+    found = {"energy": energy, "forces": forces, "stress": stress}
+    for label in require:
+        if found[label] is None and not (config_type.lower() in ISOLATED_ATOM_TYPES and label != "energy"):
+            raise DataError(
+                f"{source} has no {label} under key {getattr(keys, label)!r} "
+                "(nor a value attached by the file's calculator)"
+            )
+    clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    return Frame(
+        atoms=clean,
+        energy=None if energy is None else float(energy),
+        forces=None if forces is None else np.asarray(forces, dtype=np.float64).reshape(len(atoms), 3),
+        stress=None if stress is None else _stress_3x3(stress),
+        weight=float(atoms.info.get(keys.config_weight, 1.0)),
+        config_type=config_type,
+        source=source,
+        info={k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str))},
+    )
+
+
+def read_frames(
+    path: str | Path,
+    index: str = ":",
+    keys: KeyMap = KeyMap(),
+    require: Sequence[str] = ("energy", "forces"),
+    format: str | None = None,
+) -> list[Frame]:
+    """Read every selected frame of ``path`` (extxyz, traj, db, … : anything ``ase.io`` reads)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file")
+    images = read(path, index=index, format=format)
+    images = images if isinstance(images, list) else [images]
+    if not images:
+        raise DataError(f"{path}: no frames selected by index {index!r}")
+    return [frame_from_atoms(a, keys, require, f"{path}: frame {i}") for i, a in enumerate(images)]
+
+
+def frames_from_pymatgen(structures: Iterable, energies=None, forces=None, stresses=None) -> list[Frame]:
+    """Frames from pymatgen ``Structure``/``Molecule`` objects and label sequences (eV, eV/Å,
+    eV/Å³ in ASE's sign)."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    frames = []
+    for k, structure in enumerate(structures):
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        frames.append(
+            Frame(
+                atoms=Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc),
+                energy=None if energies is None else float(energies[k]),
+                forces=None if forces is None else np.asarray(forces[k], dtype=np.float64),
+                stress=None if stresses is None else _stress_3x3(stresses[k]),
+                source=f"pymatgen structure {k}",
+            )
+        )
+    return frames
+
+
+def read_vasprun(path: str | Path) -> list[Frame]:
+    """Every ionic step of a ``vasprun.xml``: energy (``e_0_energy``, sigma → 0), forces, stress.
+
+    VASP reports stress in kBar with the opposite sign convention; it is converted to eV/Å³ in
+    ASE's convention (positive = tensile).
+    """
+    from ase.units import GPa
+    from pymatgen.io.vasp import Vasprun
+
+    run = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
+    steps = run.ionic_steps
+    kbar = 0.1 * GPa
+    frames = frames_from_pymatgen(
+        [s["structure"] for s in steps],
+        energies=[s["e_0_energy"] for s in steps],
+        forces=[s["forces"] for s in steps],
+        stresses=[-np.asarray(s["stress"]) * kbar for s in steps] if "stress" in steps[0] else None,
+    )
+    for k, frame in enumerate(frames):
+        frame.source = f"{path}: frame {k}"
+    return frames
+
+
+def split_frames(frames: Sequence[Frame], n_valid: int | float, seed: int) -> tuple[list[Frame], list[Frame]]:
+    """Seeded random split into (train, valid); a float ``n_valid`` is a fraction."""
+    n = len(frames)
+    k = int(round(n_valid * n)) if isinstance(n_valid, float) and n_valid < 1 else int(n_valid)
+    if not 0 <= k < n:
+        raise DataError(f"cannot take {k} validation frames out of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    return [frames[i] for i in sorted(order[k:])], [frames[i] for i in sorted(order[:k])]
+
+
+def fingerprint(frames: Sequence[Frame]) -> str:
+    """SHA-256 over numbers, positions, cells and labels: identifies the exact training data."""
+    h = hashlib.sha256()
+    for f in frames:
+        for array in (f.atoms.numbers, f.atoms.positions, f.atoms.cell.array, f.forces):
+            if array is not None:
+                h.update(np.ascontiguousarray(array).tobytes())
+        h.update(repr(f.energy).encode())
+    return h.hexdigest()

@@ -1,0 +1,273 @@
+"""The training loop: AMSGrad, gradient clipping, EMA, plateau LR decay, best-on-validation,
+and checkpoints that resume exactly.
+
+Exact resume: the checkpoint holds the weights, the optimiser, scheduler and EMA states, the
+shuffling generator's state, the current epoch's permutation and the position inside it. A run
+killed at any point and restarted from its last checkpoint replays the same batches in the same
+order from the same state, so it ends with the same weights as a run that was never killed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..errors import ConfigError
+from ..modelfile import atomic_torch_save
+from ..nn import RACE
+from . import distributed as dist_utils
+from .batches import GraphDataset, predictions_for_loss
+from .losses import LossWeights, compute_loss
+from .metrics import evaluate_dataset
+
+log = logging.getLogger("ase_race.training")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: Training-config keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = ("max_epochs", "max_time_s", "checkpoint_every", "test_file", "device")
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training (and is saved in a checkpoint)."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    permutation: torch.Tensor | None = None
+    best_valid: float = math.inf
+    best_epoch: int = -1
+    best_weights: dict | None = None
+    history: list = field(default_factory=list)
+    elapsed_s: float = 0.0
+    structures_seen: int = 0
+
+
+class Trainer:
+    """Trains one RACE network (``method: mve``) on a :class:`GraphDataset`.
+
+    Args:
+        config: the training configuration.
+        model_config: the network to train (species, E0s, scale, shift already filled in).
+        train, valid: datasets built in ``model_config.dtype``.
+        on_step: optional callback ``f(trainer)`` after every optimiser step (tests use it).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model_config: ModelConfig,
+        train: GraphDataset,
+        valid: GraphDataset,
+        on_step: Callable[["Trainer"], None] | None = None,
+    ):
+        self.config = config
+        self.model_config = model_config
+        self.train_set, self.valid_set = train, valid
+        self.on_step = on_step
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.out_dir = Path(config.output_dir)
+        self.rank, self.world = dist_utils.rank_and_world()
+        self.generator = torch.Generator().manual_seed(config.seed)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(config.seed)
+            self.model = RACE(model_config).to(self.device)
+        self.eval_model = RACE(model_config).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
+        )
+        self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.state = TrainState()
+        self.weights = LossWeights(config.energy_weight, config.forces_weight, config.beta)
+        self.net = dist_utils.wrap(self.model, self.device)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        if self.checkpoint_path.exists():
+            self.load_checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        s = self.state
+        return {
+            "train_config": self.config.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": s.epoch,
+            "step_in_epoch": s.step_in_epoch,
+            "global_step": s.global_step,
+            "permutation": s.permutation,
+            "best_valid": s.best_valid,
+            "best_epoch": s.best_epoch,
+            "best_weights": s.best_weights,
+            "history": s.history,
+            "elapsed_s": s.elapsed_s,
+            "structures_seen": s.structures_seen,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            atomic_torch_save(self.checkpoint(), self.checkpoint_path)
+        dist_utils.barrier()
+
+    def load_checkpoint(self) -> None:
+        data = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        old = {k: v for k, v in data["train_config"].items() if k not in RESUMABLE_CHANGES}
+        new = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed or data["model_config"] != self.model_config.to_dict():
+            raise ConfigError(
+                f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
+                "use another output_dir or delete the checkpoint to start afresh"
+            )
+        self.model.load_state_dict(data["model"])
+        self.ema = data["ema"]
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        self.generator.set_state(data["generator"])
+        s = self.state
+        s.epoch, s.step_in_epoch, s.global_step = data["epoch"], data["step_in_epoch"], data["global_step"]
+        s.permutation = data["permutation"]
+        s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
+        s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
+        log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
+
+    # ------------------------------------------------------------------ training
+    def loss_kind(self, epoch: int) -> str:
+        return "mse" if epoch < self.config.warmup_epochs else self.config.loss
+
+    def train_step(self, indices: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on the global batch ``indices`` (this rank takes its share)."""
+        mine = indices[self.rank :: self.world].tolist()
+        batch = self.train_set.batch(mine, self.device)
+        ref = dict(batch.ref)
+        # Normalise by the whole global batch, so that splitting it over ranks changes nothing.
+        totals = torch.stack([ref["weight"].sum(), ref["atom_weight"].sum()]).double()
+        totals = dist_utils.all_reduce_sum(totals)
+        ref["weight_total"], ref["atom_weight_total"] = totals[0].to(ref["weight"].dtype), totals[1].to(ref["weight"].dtype)
+        out = self.net(batch.graph, compute_forces=True, create_graph=True)
+        loss, parts = compute_loss(self.loss_kind(self.state.epoch), predictions_for_loss(out), ref, self.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * self.world).backward()  # DDP averages gradients over ranks; undo that
+        if self.config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        self.optimizer.step()
+        self._update_ema()
+        return {"loss": float(loss.detach()), **parts}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.ema_decay
+        for key, value in self.model.state_dict().items():
+            if decay and value.is_floating_point():
+                self.ema[key].mul_(decay).add_(value.detach(), alpha=1 - decay)
+            else:
+                self.ema[key].copy_(value)
+
+    def validate(self) -> dict[str, float]:
+        """Metrics of the EMA weights on the validation set, plus the loss they would have."""
+        self.eval_model.load_state_dict(self.ema)
+        metrics = evaluate_dataset(self.eval_model, self.valid_set, device=self.device)
+        total = 0.0
+        for batch in self.valid_set.batches(16, self.device):
+            out = self.eval_model(batch.graph, compute_forces=True)
+            loss, _ = compute_loss(self.config.loss, predictions_for_loss(out), batch.ref, self.weights)
+            total += float(loss.detach()) * batch.n_structures
+        return {"valid_loss": total / len(self.valid_set), **metrics}
+
+    def run(self, max_steps: int | None = None) -> TrainState:
+        """Train until ``max_epochs`` (or ``max_time_s``, or ``max_steps`` more steps)."""
+        cfg, s = self.config, self.state
+        n = len(self.train_set)
+        n_batches = math.ceil(n / cfg.batch_size)
+        steps_left = max_steps
+        start = time.perf_counter() - s.elapsed_s
+        while s.epoch < cfg.max_epochs:
+            if s.step_in_epoch == 0:
+                s.permutation = torch.randperm(n, generator=self.generator)
+            bar = self._progress(n_batches, s.step_in_epoch)
+            running = []
+            for b in range(s.step_in_epoch, n_batches):
+                parts = self.train_step(s.permutation[b * cfg.batch_size : (b + 1) * cfg.batch_size])
+                running.append(parts["loss"])
+                s.step_in_epoch, s.global_step = b + 1, s.global_step + 1
+                s.structures_seen += min(cfg.batch_size, n - b * cfg.batch_size)
+                s.elapsed_s = time.perf_counter() - start
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{parts['loss']:.4g}")
+                if s.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self)
+                if steps_left is not None:
+                    steps_left -= 1
+                    if steps_left == 0:
+                        return s
+            if bar is not None:
+                bar.close()
+            self._end_epoch(sum(running) / max(len(running), 1), time.perf_counter() - start)
+            if cfg.max_time_s and s.elapsed_s > cfg.max_time_s:
+                log.info("stopping: max_time_s=%s reached", cfg.max_time_s)
+                break
+        return s
+
+    def _end_epoch(self, train_loss: float, elapsed: float) -> None:
+        s = self.state
+        metrics = self.validate()
+        self.scheduler.step(metrics["valid_loss"])
+        row = {"epoch": s.epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+               **metrics, "elapsed_s": elapsed}
+        s.history.append(row)
+        if metrics["valid_loss"] < s.best_valid and s.epoch >= self.config.warmup_epochs:
+            s.best_valid, s.best_epoch = metrics["valid_loss"], s.epoch
+            s.best_weights = {k: v.clone() for k, v in self.ema.items()}
+        s.epoch, s.step_in_epoch, s.elapsed_s = s.epoch + 1, 0, elapsed
+        self.save_checkpoint()
+        if self.rank == 0:
+            self._write_metrics_csv()
+            log.info(
+                "epoch %d  loss %.4g  valid %.4g  E MAE %.2f meV  F MAE %.2f meV/Å  lr %.2e  %.0f s",
+                row["epoch"], train_loss, metrics["valid_loss"], metrics["energy_mae_meV"],
+                metrics["forces_mae_meV_A"], row["lr"], elapsed,
+            )
+
+    def _write_metrics_csv(self) -> None:
+        """Rewrite metrics.csv from the history (so a resumed run never duplicates rows)."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.state.history[0]))
+        writer.writeheader()
+        writer.writerows(self.state.history)
+        tmp = self.out_dir / ".metrics.csv.tmp"
+        tmp.write_text(buffer.getvalue())
+        os.replace(tmp, self.out_dir / "metrics.csv")
+
+    def _progress(self, total: int, done: int):
+        """A tqdm bar on a terminal; None in logs and on ranks other than 0."""
+        if self.rank != 0 or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=done, desc=f"epoch {self.state.epoch}", leave=False)
+
+    def best_model(self) -> RACE:
+        """The network with the best validation weights (EMA), or the current EMA weights."""
+        model = RACE(self.model_config)
+        model.load_state_dict(self.state.best_weights or self.ema)
+        return model.eval()

@@ -1,0 +1,42 @@
+"""Accuracy and likelihood of predictions on a labelled set (used after every epoch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _keys as K
+from .batches import GraphDataset
+
+
+def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device="cpu") -> dict[str, float]:
+    """Energy and force errors and Gaussian NLLs of ``model`` on ``dataset``.
+
+    Returns (units in the names): ``energy_mae_meV``, ``energy_rmse_meV``,
+    ``forces_mae_meV_A``, ``forces_rmse_meV_A`` (per component), ``energy_nll`` (per structure,
+    ½[r²/σ² + log 2πσ²] with σ in eV), ``forces_nll`` (per atom, ½[ΔFᵀΣ⁻¹ΔF + log det 2πΣ]).
+    """
+    e_abs, e_sq, f_abs, f_sq, e_nll, f_nll = [], [], [], [], [], []
+    was_training = model.training
+    model.eval()
+    for batch in dataset.batches(batch_size, device):
+        out = model(batch.graph, compute_forces=True)
+        r = (batch.ref["energy"] - out[K.ENERGY].detach()).double()
+        var = out[K.ENERGY_VAR].detach().double()
+        df = (batch.ref["forces"] - out[K.FORCES].detach()).double()
+        cov = out[K.FORCES_COV].detach().double()
+        e_abs.append(r.abs()), e_sq.append(r**2), f_abs.append(df.abs().ravel()), f_sq.append((df**2).ravel())
+        e_nll.append(0.5 * (r**2 / var + torch.log(2 * math.pi * var)))
+        maha = (df.unsqueeze(1) @ torch.linalg.solve(cov, df.unsqueeze(-1))).squeeze()
+        f_nll.append(0.5 * (maha + torch.logdet(2 * math.pi * cov)))
+    model.train(was_training)
+    cat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
+    return {
+        "energy_mae_meV": 1000 * float(cat(e_abs).mean()),
+        "energy_rmse_meV": 1000 * math.sqrt(float(cat(e_sq).mean())),
+        "forces_mae_meV_A": 1000 * float(cat(f_abs).mean()),
+        "forces_rmse_meV_A": 1000 * math.sqrt(float(cat(f_sq).mean())),
+        "energy_nll": float(cat(e_nll).mean()),
+        "forces_nll": float(cat(f_nll).mean()),
+    }
