@@ -32,3 +32,30 @@ def silicon():
 def posterior64():
     """Tiny float64 model knowing H, C, O, Si, with noticeable forces."""
     return random_posterior("tiny", seed=7, species=(1, 6, 8, 14), scale=2.0)
+
+
+def emt_frames(n=12, seed=0):
+    """Small labelled molecules (EMT energies and forces, a real if crude potential)."""
+    import numpy as np
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        atoms = molecule("CH4" if k % 2 else "H2O")
+        atoms.rattle(0.08, seed=int(rng.integers(1 << 30)))
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture
+def emt_file(tmp_path):
+    from ase.io import write
+
+    path = tmp_path / "emt.extxyz"
+    write(path, emt_frames(), format="extxyz")
+    return path

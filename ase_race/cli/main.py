@@ -10,15 +10,17 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import info, predict
+from . import info, predict, train
 
-SUBCOMMANDS = (info, predict)
+SUBCOMMANDS = (train, predict, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="ase-race", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ase-race", description="Bayesian equivariant interatomic potentials with uncertainties."
+    )
     parser.add_argument("--version", action="version", version=f"ase-race {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:

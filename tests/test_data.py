@@ -1,0 +1,93 @@
+"""Reading labelled data: key mapping, fallbacks, clear errors, E0s and statistics."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from ase_race.data import (
+    KeyMap,
+    dataset_statistics,
+    fit_e0s,
+    isolated_atom_e0s,
+    read_frames,
+    split_frames,
+)
+from ase_race.errors import DataError
+
+
+def test_mapped_keys_and_weights(emt_file, tmp_path):
+    frames = read_frames(emt_file)
+    assert len(frames) == 12
+    assert frames[0].forces.shape == (3, 3) and frames[1].forces.shape == (5, 3)
+    # custom keys and config weights
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]])
+    atoms.info.update(dft_e=-1.5, config_weight=3.0, config_type="dimer")
+    atoms.arrays["dft_f"] = np.ones((2, 3))
+    write(tmp_path / "c.extxyz", atoms)
+    (f,) = read_frames(tmp_path / "c.extxyz", keys=KeyMap(energy="dft_e", forces="dft_f"))
+    assert f.energy == -1.5 and f.weight == 3.0 and f.config_type == "dimer"
+    np.testing.assert_array_equal(f.forces, np.ones((2, 3)))
+
+
+def test_falls_back_to_calculator_values(tmp_path):
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]])
+    atoms.calc = SinglePointCalculator(atoms, energy=-2.0, forces=np.full((2, 3), 0.5))
+    write(tmp_path / "sp.extxyz", atoms)
+    (f,) = read_frames(tmp_path / "sp.extxyz")
+    assert f.energy == -2.0
+    np.testing.assert_array_equal(f.forces, np.full((2, 3), 0.5))
+
+
+def test_missing_label_names_file_frame_and_key(emt_file, tmp_path):
+    frames = [Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]], info={"REF_energy": -1.0}) for _ in range(3)]
+    frames[2].info.pop("REF_energy")
+    for a in frames:
+        a.arrays["REF_forces"] = np.zeros((2, 3))
+    path = tmp_path / "gap.extxyz"
+    write(path, frames)
+    with pytest.raises(DataError, match=r"gap.extxyz: frame 2 has no energy under key 'REF_energy'"):
+        read_frames(path)
+    with pytest.raises(DataError, match=r"frame 0 has no forces under key 'F'"):
+        read_frames(emt_file, keys=KeyMap(forces="F"))
+
+
+def test_isolated_and_fitted_e0s(tmp_path):
+    isolated = [Atoms(s, info={"config_type": "IsolatedAtom", "REF_energy": e}) for s, e in (("H", -13.6), ("O", -2042.0))]
+    for a in isolated:
+        a.arrays["REF_forces"] = np.zeros((1, 3))
+    write(tmp_path / "iso.extxyz", isolated)
+    frames = read_frames(tmp_path / "iso.extxyz")
+    assert isolated_atom_e0s(frames, [1, 8]) == {1: -13.6, 8: -2042.0}
+    with pytest.raises(DataError, match=r"no isolated-atom energy for atomic numbers \[6\]"):
+        isolated_atom_e0s(frames, [1, 6, 8])
+    # Exact least squares: energies built from E0(H) = -1, E0(O) = -5.
+    mols = []
+    for formula, e in (("H2O", -7.0), ("H2O2", -12.0), ("H2", -2.0)):
+        a = Atoms(formula, positions=np.arange(len(Atoms(formula)) * 3).reshape(-1, 3), info={"REF_energy": e})
+        a.arrays["REF_forces"] = np.zeros((len(a), 3))
+        mols.append(a)
+    write(tmp_path / "m.extxyz", mols)
+    fitted = fit_e0s(read_frames(tmp_path / "m.extxyz"), [1, 8])
+    assert fitted == pytest.approx({1: -1.0, 8: -5.0})
+
+
+def test_statistics_and_split(emt_file):
+    frames = read_frames(emt_file)
+    stats = dataset_statistics(frames, {1: 0.0, 6: 0.0, 8: 0.0}, cutoff=5.0)
+    n_neighbours = [len(f.atoms) - 1 for f in frames]  # all atoms of a small molecule are neighbours
+    assert stats["avg_num_neighbors"] == pytest.approx(
+        sum(n * (n + 1) for n in n_neighbours) / sum(n + 1 for n in n_neighbours)
+    )
+    forces = np.concatenate([f.forces.ravel() for f in frames])
+    assert stats["scale"] == pytest.approx(np.sqrt(np.mean(forces**2)))
+    train, valid = split_frames(frames, 3, seed=0)
+    assert len(train) == 9 and len(valid) == 3
+    assert split_frames(frames, 3, seed=0)[1][0] is valid[0]  # seeded
+    assert {f.source for f in train}.isdisjoint({f.source for f in valid})
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match="nope.xyz: no such data file"):
+        read_frames("nope.xyz")
