@@ -91,3 +91,43 @@ def test_statistics_and_split(emt_file):
 def test_missing_file():
     with pytest.raises(DataError, match="nope.xyz: no such data file"):
         read_frames("nope.xyz")
+
+
+def test_pymatgen_structures_and_molecules():
+    from pymatgen.core import Lattice, Molecule, Structure
+
+    structure = Structure(Lattice.cubic(3.0), ["Si", "Si"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+    mol = Molecule(["O", "H", "H"], [[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    from ase_race.data import frames_from_pymatgen
+
+    frames = frames_from_pymatgen([structure, mol], energies=[-10.0, -14.0], forces=[np.zeros((2, 3)), np.ones((3, 3))])
+    assert frames[0].atoms.pbc.all() and frames[0].atoms.get_volume() == pytest.approx(27.0)
+    np.testing.assert_allclose(frames[0].atoms.positions[1], [0.75, 0.75, 0.75])
+    assert not frames[1].atoms.pbc.any() and list(frames[1].atoms.symbols) == ["O", "H", "H"]
+    assert frames[1].energy == -14.0 and frames[1].forces.sum() == 9.0
+
+
+def test_vasprun_ionic_steps_units_and_sign(monkeypatch):
+    """VASP stress is in kBar with pressure sign; frames carry eV/Å³ in ASE's sign."""
+    import pymatgen.io.vasp
+    from ase.units import GPa
+    from pymatgen.core import Lattice, Structure
+
+    from ase_race.data import read_vasprun
+
+    structure = Structure(Lattice.cubic(3.0), ["Si"], [[0, 0, 0]])
+
+    class FakeVasprun:
+        def __init__(self, path, **kwargs):
+            self.ionic_steps = [
+                {"structure": structure, "e_0_energy": -5.0 - k, "forces": [[0.1 * k, 0, 0]],
+                 "stress": [[10.0, 0, 0], [0, 20.0, 0], [0, 0, 30.0]]}
+                for k in range(3)
+            ]
+
+    monkeypatch.setattr(pymatgen.io.vasp, "Vasprun", FakeVasprun)
+    frames = read_vasprun("vasprun.xml")
+    assert [f.energy for f in frames] == [-5.0, -6.0, -7.0]
+    assert frames[2].forces[0, 0] == pytest.approx(0.2)
+    np.testing.assert_allclose(np.diag(frames[0].stress), [-1.0 * GPa, -2.0 * GPa, -3.0 * GPa])
+    assert frames[1].source == "vasprun.xml: frame 1"

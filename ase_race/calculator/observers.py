@@ -62,3 +62,42 @@ class UncertaintyWriter:
         store_uncertainties(self.atoms)
         write(self.filename, self.atoms, format="extxyz", append=not self._first)
         self._first = False
+
+
+class UncertaintyLog:
+    """Dynamics observer that records the uncertainty along a trajectory.
+
+    Each call appends one row: ``step``, ``time_fs``, ``temperature_K``, ``energy`` (eV,
+    potential), ``energy_std`` (eV), ``max_forces_std`` (eV/Å) and ``epistemic_share`` (the
+    epistemic fraction of the total force variance; 0 for a single model). Usage:
+    ``dyn.attach(UncertaintyLog(atoms, dyn), interval=10)``.
+    """
+
+    FIELDS = ("step", "time_fs", "temperature_K", "energy", "energy_std", "max_forces_std", "epistemic_share")
+
+    def __init__(self, atoms: Atoms, dynamics=None):
+        self.atoms = atoms
+        self.dynamics = dynamics
+        self.rows: list[dict[str, float]] = []
+
+    def __call__(self) -> None:
+        from ase import units
+
+        results = self.atoms.calc.results
+        if K.ENERGY_VAR not in results:
+            self.atoms.get_potential_energy()
+            results = self.atoms.calc.results
+        step = self.dynamics.nsteps if self.dynamics is not None else len(self.rows)
+        dt = self.dynamics.dt if self.dynamics is not None else 0.0
+        total = float(results[K.FORCES_VAR].sum())
+        self.rows.append(
+            {
+                "step": step,
+                "time_fs": step * dt / units.fs,
+                "temperature_K": float(self.atoms.get_temperature()),
+                "energy": float(results[K.ENERGY]),
+                "energy_std": float(results[K.ENERGY_STD]),
+                "max_forces_std": float(results[K.MAX_FORCES_STD]),
+                "epistemic_share": float(results[K.FORCES_VAR_EPISTEMIC].sum()) / total if total > 0 else 0.0,
+            }
+        )

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import info, predict, train
+from . import demo, info, md, predict, train
 
-SUBCOMMANDS = (train, predict, info)
+SUBCOMMANDS = (demo, md, train, predict, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,124 @@
+"""``ase-race md``: molecular dynamics that reports its own uncertainty as it runs.
+
+Prints a table every ``--interval`` steps (step, temperature, energy, energy std,
+``max_forces_std``), writes an extxyz trajectory that keeps the uncertainties
+(``race_*`` keys, see docs/calculator.md), a CSV of the uncertainty log and a PNG plot of
+uncertainty against time.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "ethanol-mve"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("md", help="uncertainty-aware molecular dynamics (Langevin, NVE)")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model file or shipped name (default {DEFAULT_MODEL})")
+    p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
+    p.add_argument("--ensemble", choices=["langevin", "nve"], default="langevin")
+    p.add_argument("--temperature", type=float, default=500.0, help="K (default 500, the rMD17 sampling temperature)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--interval", type=int, default=100, help="steps between table rows and saved frames")
+    p.add_argument("--output", default="race_md", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+
+
+def load_structure(path: str | None):
+    from ase.build import molecule
+    from ase.io import read
+
+    return read(path) if path else molecule("CH3CH2OH")
+
+
+def run(args) -> int:
+    import numpy as np
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    from ..calculator import RACECalculator, UncertaintyLog, UncertaintyWriter
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atoms = load_structure(args.structure)
+    atoms.calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    rng = np.random.default_rng(args.seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    dt = args.timestep * units.fs
+    if args.ensemble == "langevin":
+        dyn = Langevin(atoms, dt, temperature_K=args.temperature, friction=args.friction / units.fs,
+                       fixcm=False, rng=rng)
+    else:
+        dyn = VelocityVerlet(atoms, dt)
+    log = UncertaintyLog(atoms, dyn)
+    trajectory = out / "trajectory.extxyz"
+    dyn.attach(log, interval=args.interval)
+    dyn.attach(UncertaintyWriter(atoms, str(trajectory)), interval=args.interval)
+    dyn.attach(lambda: _print_row(log.rows[-1]), interval=args.interval)
+
+    print(f"{len(atoms)} atoms, {args.ensemble} at {args.temperature:g} K, {args.steps} steps of {args.timestep} fs, "
+          f"model {args.model}")
+    print(f"{'step':>7} {'T/K':>7} {'E/eV':>14} {'E std/eV':>9} {'max F std/(eV/Å)':>17}")
+    bar = _progress(args.steps)
+    for _ in dyn.irun(args.steps):
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    _write_csv(log.rows, out / "uncertainty.csv")
+    plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
+    print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")
+    return 0
+
+
+def _print_row(row) -> None:
+    print(f"{row['step']:7d} {row['temperature_K']:7.0f} {row['energy']:14.4f} {row['energy_std']:9.4f} "
+          f"{row['max_forces_std']:17.4f}", flush=True)
+
+
+def _progress(total: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", leave=False)
+
+
+def _write_csv(rows, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_uncertainty(rows, path: Path, title: str = "") -> None:
+    """Energy std, max_forces_std and temperature against time, as a PNG."""
+    from matplotlib.figure import Figure
+
+    t = [r["time_fs"] for r in rows]
+    fig = Figure(figsize=(7, 6), constrained_layout=True)
+    axes = fig.subplots(3, 1, sharex=True)
+    axes[0].plot(t, [1000 * r["energy_std"] for r in rows], color="C0")
+    axes[0].set_ylabel("energy std / meV")
+    axes[1].plot(t, [1000 * r["max_forces_std"] for r in rows], color="C1")
+    axes[1].set_ylabel("max forces std / (meV/Å)")
+    axes[2].plot(t, [r["temperature_K"] for r in rows], color="C2")
+    axes[2].set_ylabel("T / K")
+    axes[2].set_xlabel("time / fs")
+    if title:
+        axes[0].set_title(title)
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,49 @@
+"""The command line: md/demo outputs, predict and info, and clear errors."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+from ase.build import molecule
+from ase.io import read, write
+
+FIXTURE = str(Path(__file__).parent / "data" / "modelfiles" / "v1.pt")
+
+
+def ase_race(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "ase_race.cli.main", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_md_writes_trajectory_log_and_plot(tmp_path):
+    out = tmp_path / "md"
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "30", "--interval", "10", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(line.split()[0]) for line in table[1:]] == [0, 10, 20, 30]
+    frames = read(out / "trajectory.extxyz", ":")
+    assert len(frames) == 4
+    assert frames[-1].info["race_max_forces_std"] > 0 and frames[-1].arrays["race_forces_std"].shape == (9, 3)
+    rows = list(csv.DictReader(open(out / "uncertainty.csv")))
+    assert float(rows[-1]["max_forces_std"]) == frames[-1].info["race_max_forces_std"]
+    assert (out / "uncertainty.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predict_and_info(tmp_path):
+    write(tmp_path / "in.extxyz", [molecule("CH3CH2OH"), molecule("H2O")])
+    proc = ase_race("predict", FIXTURE, str(tmp_path / "in.extxyz"), "-o", str(tmp_path / "out.extxyz"))
+    assert proc.returncode == 0, proc.stderr
+    frames = read(tmp_path / "out.extxyz", ":")
+    assert len(frames) == 2 and "race_energy_std" in frames[1].info
+    info = ase_race("info", FIXTURE)
+    assert info.returncode == 0 and "ase-race-model v1" in info.stdout and "['H', 'C', 'O']" in info.stdout
+
+
+def test_errors_are_one_line(tmp_path):
+    write(tmp_path / "n.xyz", molecule("HCN"))
+    proc = ase_race("predict", FIXTURE, str(tmp_path / "n.xyz"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "ase-race predict: error: element(s) ['N'] not known to this model, which knows ['H', 'C', 'O']"
+    ]
+    assert "no such model file" in ase_race("info", "nothing.pt").stderr
