@@ -139,11 +139,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
         """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        return _strict(cls, data, "model config")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -155,6 +151,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+
+def _strict(cls, data: Mapping[str, Any], what: str):
+    """``cls(**data)`` after refusing keys that are not fields of ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; valid keys are {sorted(known)}")
+    return cls(**data)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -275,11 +280,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, refusing unknown keys."""
+        return _strict(cls, data, "training config")
 
     @classmethod
     def from_yaml(cls, path: str | None, overrides: Sequence[str] = ()) -> "TrainConfig":

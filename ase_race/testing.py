@@ -12,15 +12,13 @@ import torch
 from ase import Atoms
 
 from .config import ModelConfig
-from .nn import RACE
+from .nn import RACE, build_model
 from .posteriors import MVEPosterior
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> RACE:
     """A RACE network with seeded random weights; the global RNG state is left unchanged."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return RACE(config)
+    return build_model(config, seed)
 
 
 def random_posterior(preset: str = "tiny", seed: int = 0, **overrides) -> MVEPosterior:

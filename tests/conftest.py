@@ -8,10 +8,11 @@ from ase_race.testing import random_posterior
 @pytest.fixture(autouse=True)
 def _global_torch_state_untouched():
     """Every test also checks that ase_race left torch's global state alone."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    dtype, threads, rng = torch.get_default_dtype(), torch.get_num_threads(), torch.get_rng_state()
     yield
     assert torch.get_default_dtype() == dtype, "torch default dtype was changed"
     assert torch.get_num_threads() == threads, "torch thread count was changed"
+    assert torch.equal(torch.get_rng_state(), rng), "torch's global random generator was used"
 
 
 @pytest.fixture

@@ -184,3 +184,15 @@ class RACE(nn.Module):
                 out[K.VIRIAL] = virial
                 out[K.STRESS] = -virial / volume[:, None, None]
         return out
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> RACE:
+    """``RACE(config)`` with weights drawn from ``seed``, leaving torch's global RNG untouched.
+
+    Library code builds every network through this function: constructing modules draws random
+    initial weights, and doing that from the global generator would change a user's random
+    stream (for example, loading a model file would alter the next ``torch.randn``).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RACE(config)

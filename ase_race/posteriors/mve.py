@@ -9,7 +9,7 @@ import torch
 from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
-from ..nn import RACE, TORCH_DTYPES
+from ..nn import RACE, TORCH_DTYPES, build_model
 from .base import Posterior, Prediction
 
 
@@ -54,14 +54,14 @@ class MVEPosterior(Posterior):
 
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "MVEPosterior":
-        model = RACE(config)
+        model = build_model(config)
         model.load_state_dict(state["weights"])
         return cls(model)
 
     def to(self, device=None, dtype=None) -> "MVEPosterior":
         if dtype is not None and dtype != self.dtype:
             name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-            model = RACE(self.model.config.replace(dtype=name))
+            model = build_model(self.model.config.replace(dtype=name))
             model.load_state_dict(self.model.state_dict())
             self.model = model
         self.model.to(device=device)

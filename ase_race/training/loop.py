@@ -25,7 +25,7 @@ import torch
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
 from ..modelfile import atomic_torch_save
-from ..nn import RACE
+from ..nn import RACE, build_model
 from . import distributed as dist_utils
 from .batches import GraphDataset, predictions_for_loss
 from .losses import LossWeights, compute_loss
@@ -80,10 +80,8 @@ class Trainer:
         self.out_dir = Path(config.output_dir)
         self.rank, self.world = dist_utils.rank_and_world()
         self.generator = torch.Generator().manual_seed(config.seed)
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-            torch.manual_seed(config.seed)
-            self.model = RACE(model_config).to(self.device)
-        self.eval_model = RACE(model_config).to(self.device)
+        self.model = build_model(model_config, config.seed).to(self.device)
+        self.eval_model = build_model(model_config).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
         )
@@ -196,6 +194,8 @@ class Trainer:
         cfg, s = self.config, self.state
         n = len(self.train_set)
         n_batches = math.ceil(n / cfg.batch_size)
+        if self.world > 1 and 0 < n % cfg.batch_size < self.world:
+            n_batches -= 1  # every rank needs at least one structure of the last batch
         steps_left = max_steps
         start = time.perf_counter() - s.elapsed_s
         while s.epoch < cfg.max_epochs:
@@ -268,6 +268,6 @@ class Trainer:
 
     def best_model(self) -> RACE:
         """The network with the best validation weights (EMA), or the current EMA weights."""
-        model = RACE(self.model_config)
+        model = build_model(self.model_config)
         model.load_state_dict(self.state.best_weights or self.ema)
         return model.eval()
