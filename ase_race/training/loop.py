@@ -231,7 +231,10 @@ class Trainer:
     def _end_epoch(self, train_loss: float, elapsed: float) -> None:
         s = self.state
         metrics = self.validate()
-        self.scheduler.step(metrics["valid_loss"])
+        if s.epoch >= self.config.warmup_epochs:
+            # During the mean-only warm-up the variance heads are untrained, so the validation
+            # NLL says nothing about progress; it must not decay the learning rate.
+            self.scheduler.step(metrics["valid_loss"])
         row = {"epoch": s.epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                **metrics, "elapsed_s": elapsed}
         s.history.append(row)
