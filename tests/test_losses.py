@@ -12,7 +12,7 @@ D = torch.float64
 
 def batch(weights=(1.0, 1.0)):
     w = torch.tensor(weights, dtype=D)
-    n = torch.tensor([1.0, 2.0], dtype=D)
+    n = torch.tensor([1, 2])
     pred = {
         "energy": torch.tensor([2.0, 1.0], dtype=D),
         "energy_var": torch.tensor([0.25, 1.0], dtype=D),
@@ -22,27 +22,26 @@ def batch(weights=(1.0, 1.0)):
     ref = {
         "energy": torch.tensor([1.0, 2.0], dtype=D),  # residuals E − μ = −1, +1
         "forces": torch.zeros(3, 3, dtype=D),
-        "n_atoms": n,
         "weight": w,
-        "atom_weight": torch.repeat_interleave(w, n.long()),
+        "atom_weight": torch.repeat_interleave(w, n),
     }
     return pred, ref
 
 
 def test_mse():
-    loss, parts = compute_loss("mse", *batch(), LossWeights(energy=1.0, forces=10.0))
-    # energy: per-atom residuals −1 and +1/2 → mean of 1 and 1/4
-    assert parts["energy"] == pytest.approx(0.625)
-    # forces: per-atom mean squared component 1/3, 4/3, 0 → mean 5/9, times λ_F = 10
-    assert parts["forces"] == pytest.approx(50 / 9)
-    assert float(loss) == pytest.approx(0.625 + 50 / 9)
+    loss, parts = compute_loss("mse", *batch(), LossWeights(energy=2.0, forces=10.0))
+    # energy: λ_E ⟨r²⟩ with residuals −1, +1
+    assert parts["energy"] == pytest.approx(2.0)
+    # forces: |ΔF|² per atom 1, 4, 0 → mean 5/3, times λ_F = 10
+    assert parts["forces"] == pytest.approx(50 / 3)
+    assert float(loss) == pytest.approx(2.0 + 50 / 3)
 
 
 def test_nll_e():
     _, parts = compute_loss("nll_e", *batch(), LossWeights(energy=2.0, forces=10.0))
     # λ_E ⟨r²/σ²⟩ + ⟨log σ²⟩ = 2 · (1/0.25 + 1/1)/2 + (log 0.25 + 0)/2
     assert parts["energy"] == pytest.approx(5.0 + 0.5 * math.log(0.25))
-    assert parts["forces"] == pytest.approx(50 / 9)
+    assert parts["forces"] == pytest.approx(50 / 3)
 
 
 def test_nll_jef():
@@ -53,10 +52,26 @@ def test_nll_jef():
 
 
 def test_config_weights():
-    _, parts = compute_loss("mse", *batch(weights=(3.0, 1.0)), LossWeights(energy=1.0, forces=1.0))
-    assert parts["energy"] == pytest.approx((3 * 1.0 + 1 * 0.25) / 4)
+    pred, ref = batch(weights=(3.0, 1.0))
+    pred["energy"] = torch.tensor([3.0, 1.5], dtype=D)  # residuals −2, +0.5
+    _, parts = compute_loss("mse", pred, ref, LossWeights(energy=1.0, forces=1.0))
+    assert parts["energy"] == pytest.approx((3 * 4.0 + 1 * 0.25) / 4)
     # atom weights 3, 1, 1
-    assert parts["forces"] == pytest.approx((3 * 1 / 3 + 4 / 3 + 0) / 5)
+    assert parts["forces"] == pytest.approx((3 * 1 + 4 + 0) / 5)
+
+
+def test_warmup_trains_the_mean_by_mse_and_the_variance_on_detached_residuals():
+    pred, ref = batch()
+    for key in ("energy", "forces", "energy_var", "forces_cov"):
+        pred[key] = pred[key].clone().requires_grad_(True)
+    loss, parts = compute_loss("nll_jef", pred, ref, LossWeights(energy=1.0, forces=1.0), warmup=True)
+    assert parts["energy"] == pytest.approx(1.0) and parts["forces"] == pytest.approx(5 / 3)
+    assert parts["variance"] == pytest.approx(2.5 + 0.5 * math.log(0.25) + 5 / 3 + math.log(8) / 3)
+    loss.backward()
+    # The mean's gradient is the MSE's alone: d/dμ ⟨(E−μ)²⟩ = −2(E−μ)/B = (1, −1).
+    torch.testing.assert_close(pred["energy"].grad, torch.tensor([1.0, -1.0], dtype=D))
+    torch.testing.assert_close(pred["forces"].grad, 2 * pred["forces"].detach() / 3)
+    assert pred["energy_var"].grad.abs().sum() > 0 and pred["forces_cov"].grad.abs().sum() > 0
 
 
 def test_beta_nll_weights_terms_by_variance():
@@ -77,7 +92,7 @@ def test_global_normalisation_for_split_batches():
     for p, sl_e, sl_a in ((first, slice(0, 1), slice(0, 1)), (second, slice(1, 2), slice(1, 3))):
         p = {"energy": pred["energy"][sl_e], "energy_var": pred["energy_var"][sl_e],
              "forces": pred["forces"][sl_a], "forces_cov": pred["forces_cov"][sl_a]}
-        r = {"energy": ref["energy"][sl_e], "forces": ref["forces"][sl_a], "n_atoms": ref["n_atoms"][sl_e],
+        r = {"energy": ref["energy"][sl_e], "forces": ref["forces"][sl_a],
              "weight": ref["weight"][sl_e], "atom_weight": ref["atom_weight"][sl_a],
              "weight_total": ref["weight"].sum(), "atom_weight_total": ref["atom_weight"].sum()}
         halves.append(compute_loss("nll_jef", p, r, LossWeights())[0])

@@ -139,6 +139,14 @@ class RACE(nn.Module):
             ``energy_var`` (B,), ``forces_cov`` (n, 3, 3) and, as requested, ``forces`` (n, 3),
             ``stress`` and ``virial`` (B, 3, 3).
         """
+        if compute_forces or compute_stress:
+            # Forces and stress are derivatives: they need autograd even when the caller has
+            # switched gradients off (e.g. evaluating under torch.no_grad()).
+            with torch.enable_grad():
+                return self._forward(graph, compute_forces, compute_stress, create_graph, edge_chunk)
+        return self._forward(graph, compute_forces, compute_stress, create_graph, edge_chunk)
+
+    def _forward(self, graph, compute_forces, compute_stress, create_graph, edge_chunk):
         cfg = self.config
         batch = graph[K.BATCH]
         n_graphs = graph[K.CELL].shape[0]
@@ -194,5 +202,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> RACE:
     stream (for example, loading a model file would alter the next ``torch.randn``).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # Only the CPU generator: torch.manual_seed would also reseed CUDA's, which fork_rng
+        # (with no devices) does not restore.
+        torch.default_generator.manual_seed(seed)
         return RACE(config)

@@ -53,7 +53,8 @@ def prepare(config: TrainConfig):
     isolated = [f for f in frames if f.is_isolated_atom]
     frames = [f for f in frames if not f.is_isolated_atom]
     if config.valid_file:
-        train, valid = frames, read_frames(config.valid_file, keys=keys)
+        valid = [f for f in read_frames(config.valid_file, keys=keys) if not f.is_isolated_atom]
+        train = frames
     else:
         train, valid = split_frames(frames, config.valid_fraction, config.seed)
     if config.n_train:
@@ -62,11 +63,14 @@ def prepare(config: TrainConfig):
         raise DataError("the validation set is empty; set valid_file or valid_fraction")
     species = tuple(sorted({int(z) for f in train + valid for z in f.atoms.numbers}))
     species = tuple(config.model.get("species", species))
-    e0s = resolve_e0s(config, isolated + train, species)
+    if "e0s" in config.model:  # given explicitly under model: they win, like every model key
+        e0s = dict(zip(species, config.model["e0s"]))
+    else:
+        e0s = resolve_e0s(config, isolated + train, species)
     base = ModelConfig.from_preset(config.preset, **{**config.model, "species": species})
     stats = dataset_statistics(train, e0s, base.r_max)
     filled = {key: config.model.get(key, value) for key, value in stats.items()}
-    model_config = base.replace(e0s=tuple(e0s[z] for z in species), **filled)
+    model_config = base.replace(e0s=tuple(float(e0s[z]) for z in species), **filled)
     return model_config, train, valid
 
 

@@ -17,8 +17,7 @@ from ..graph import AtomicGraph, batch_graphs, from_atoms
 class Batch:
     """A collated batch: the graph and the reference labels (float64 energies).
 
-    ``ref``: ``energy`` (B,), ``forces`` (n, 3), ``n_atoms`` (B,), ``weight`` (B,),
-    ``atom_weight`` (n,).
+    ``ref``: ``energy`` (B,), ``forces`` (n, 3), ``weight`` (B,), ``atom_weight`` (n,).
     """
 
     graph: AtomicGraph
@@ -43,14 +42,13 @@ class GraphDataset:
     def batch(self, indices: Sequence[int], device: torch.device | str = "cpu") -> Batch:
         frames = [self.frames[i] for i in indices]
         graph = batch_graphs([self.graphs[i] for i in indices])
-        n_atoms = torch.tensor([len(f.atoms) for f in frames], dtype=self.dtype)
+        n_atoms = torch.tensor([len(f.atoms) for f in frames])
         weight = torch.tensor([f.weight for f in frames], dtype=self.dtype)
         ref = {
             "energy": torch.tensor([f.energy for f in frames], dtype=torch.float64),
             "forces": torch.as_tensor(np.concatenate([f.forces for f in frames]), dtype=self.dtype),
-            "n_atoms": n_atoms,
             "weight": weight,
-            "atom_weight": torch.repeat_interleave(weight, n_atoms.long()),
+            "atom_weight": torch.repeat_interleave(weight, n_atoms),
         }
         return Batch(
             {k: v.to(device) for k, v in graph.items()},

@@ -1,8 +1,9 @@
 """Data-parallel training with ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPU).
 
 ``torchrun --nproc_per_node=2 -m ase_race.cli.main train config.yaml`` starts one process per
-rank; each takes every ``world``-th structure of each global batch, the loss is normalised by the
-global batch, and DDP sums the gradients, so the update equals the single-process one.
+rank; each takes every ``world``-th structure of each global batch and normalises its loss by the
+sums over the whole global batch. DDP averages the gradients over ranks, so each rank's loss is
+multiplied by ``world``: the update then equals the single-process update on the same batch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's GPU (``cuda:LOCAL_RANK``) when training on CUDA; the CPU stays the CPU.
+
+    Under torchrun every rank is its own process, so making its GPU the current CUDA device
+    (which NCCL needs) affects that process alone.
+    """
+    if device.type != "cuda":
+        return device
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(local)
+    return local
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

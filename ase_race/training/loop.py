@@ -52,6 +52,7 @@ class TrainState:
     history: list = field(default_factory=list)
     elapsed_s: float = 0.0
     structures_seen: int = 0
+    running_loss: float = 0.0  # sum of this epoch's step losses so far
 
 
 class Trainer:
@@ -79,6 +80,13 @@ class Trainer:
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out_dir = Path(config.output_dir)
         self.rank, self.world = dist_utils.rank_and_world()
+        if self.world > 1:
+            self.device = dist_utils.local_device(self.device)
+            if config.batch_size < self.world:
+                raise ConfigError(
+                    f"batch_size={config.batch_size} is smaller than the {self.world} processes; "
+                    "every process needs at least one structure per step"
+                )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = build_model(model_config, config.seed).to(self.device)
         self.eval_model = build_model(model_config).to(self.device)
@@ -117,6 +125,7 @@ class Trainer:
             "history": s.history,
             "elapsed_s": s.elapsed_s,
             "structures_seen": s.structures_seen,
+            "running_loss": s.running_loss,
         }
 
     def save_checkpoint(self) -> None:
@@ -125,7 +134,8 @@ class Trainer:
         dist_utils.barrier()
 
     def load_checkpoint(self) -> None:
-        data = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        # On the CPU first: the generator state must stay a CPU tensor.
+        data = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
         old = {k: v for k, v in data["train_config"].items() if k not in RESUMABLE_CHANGES}
         new = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
         changed = sorted(k for k in new if old.get(k) != new[k])
@@ -135,7 +145,7 @@ class Trainer:
                 "use another output_dir or delete the checkpoint to start afresh"
             )
         self.model.load_state_dict(data["model"])
-        self.ema = data["ema"]
+        self.ema = {k: v.to(self.device) for k, v in data["ema"].items()}
         self.optimizer.load_state_dict(data["optimizer"])
         self.scheduler.load_state_dict(data["scheduler"])
         self.generator.set_state(data["generator"])
@@ -144,11 +154,12 @@ class Trainer:
         s.permutation = data["permutation"]
         s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
         s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
+        s.running_loss = data["running_loss"]
         log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
 
     # ------------------------------------------------------------------ training
-    def loss_kind(self, epoch: int) -> str:
-        return "mse" if epoch < self.config.warmup_epochs else self.config.loss
+    def in_warmup(self, epoch: int) -> bool:
+        return epoch < self.config.warmup_epochs
 
     def train_step(self, indices: torch.Tensor) -> dict[str, float]:
         """One optimiser step on the global batch ``indices`` (this rank takes its share)."""
@@ -160,14 +171,17 @@ class Trainer:
         totals = dist_utils.all_reduce_sum(totals)
         ref["weight_total"], ref["atom_weight_total"] = totals[0].to(ref["weight"].dtype), totals[1].to(ref["weight"].dtype)
         out = self.net(batch.graph, compute_forces=True, create_graph=True)
-        loss, parts = compute_loss(self.loss_kind(self.state.epoch), predictions_for_loss(out), ref, self.weights)
+        loss, parts = compute_loss(
+            self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=self.in_warmup(self.state.epoch)
+        )
         self.optimizer.zero_grad(set_to_none=True)
         (loss * self.world).backward()  # DDP averages gradients over ranks; undo that
         if self.config.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
         self.optimizer.step()
         self._update_ema()
-        return {"loss": float(loss.detach()), **parts}
+        # Each rank's loss is its share of the global-batch loss: their sum is the loss.
+        return {"loss": float(dist_utils.all_reduce_sum(loss.detach())), **parts}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -202,10 +216,9 @@ class Trainer:
             if s.step_in_epoch == 0:
                 s.permutation = torch.randperm(n, generator=self.generator)
             bar = self._progress(n_batches, s.step_in_epoch)
-            running = []
             for b in range(s.step_in_epoch, n_batches):
                 parts = self.train_step(s.permutation[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-                running.append(parts["loss"])
+                s.running_loss += parts["loss"]
                 s.step_in_epoch, s.global_step = b + 1, s.global_step + 1
                 s.structures_seen += min(cfg.batch_size, n - b * cfg.batch_size)
                 s.elapsed_s = time.perf_counter() - start
@@ -222,7 +235,7 @@ class Trainer:
                         return s
             if bar is not None:
                 bar.close()
-            self._end_epoch(sum(running) / max(len(running), 1), time.perf_counter() - start)
+            self._end_epoch(s.running_loss / max(n_batches, 1), time.perf_counter() - start)
             if cfg.max_time_s and s.elapsed_s > cfg.max_time_s:
                 log.info("stopping: max_time_s=%s reached", cfg.max_time_s)
                 break
@@ -241,7 +254,7 @@ class Trainer:
         if metrics["valid_loss"] < s.best_valid and s.epoch >= self.config.warmup_epochs:
             s.best_valid, s.best_epoch = metrics["valid_loss"], s.epoch
             s.best_weights = {k: v.clone() for k, v in self.ema.items()}
-        s.epoch, s.step_in_epoch, s.elapsed_s = s.epoch + 1, 0, elapsed
+        s.epoch, s.step_in_epoch, s.elapsed_s, s.running_loss = s.epoch + 1, 0, elapsed, 0.0
         self.save_checkpoint()
         if self.rank == 0:
             self._write_metrics_csv()

@@ -1,19 +1,21 @@
 """The three losses of the paper (SPEC §3), with per-frame weights, β-NLL and warm-up.
 
 Notation for a batch of B structures with n atoms in total: E_b the reference energy, μ_b and
-σ_b² the predicted mean and variance, N_b the atom count, w_b the frame weight (config_weight);
-F_i, F̂_i reference and predicted forces (F̂ = −∇μ_E), Σ_i the predicted 3×3 force covariance.
-Averages ⟨·⟩ over structures are weighted by w_b; over atoms by the weight of their structure.
+σ_b² the predicted mean and variance, w_b the frame weight (config_weight); F_i, F̂_i reference
+and predicted forces (F̂ = −∇μ_E), Σ_i the predicted 3×3 force covariance. ⟨·⟩ averages over
+structures (weights w_b) or over atoms (the weight of each atom's structure).
 
-    mse     : λ_E ⟨((E − μ)/N)²⟩ + λ_F ⟨|F − F̂|²⟩ / 3
-    nll_e   : λ_E ⟨(E − μ)²/σ²⟩ + ⟨log σ²⟩ + λ_F ⟨|F − F̂|²⟩ / 3
+    mse     : λ_E ⟨(E − μ)²⟩ + λ_F ⟨|F − F̂|²⟩
+    nll_e   : λ_E ⟨(E − μ)²/σ²⟩ + ⟨log σ²⟩ + λ_F ⟨|F − F̂|²⟩
     nll_jef : λ_E ⟨(E − μ)²/σ²⟩ + ⟨log σ²⟩ + λ_F ⟨ΔF_iᵀ Σ_i⁻¹ ΔF_i⟩ + ⟨log det Σ_i⟩
 
-The MSE energy term uses per-atom energies so that molecules of different sizes weigh alike;
-for a set of one molecule it is the paper's ⟨(E−Ê)²⟩ divided by N². With β > 0, each NLL term is
-multiplied by the detached variance to the power β (β-NLL, Seitzer et al. 2022): σ²ᵝ for
-energies, (trace Σ_i / 3)ᵝ for forces; β = 0 is the plain NLL, β = 1 gives MSE-like gradients
-for the mean.
+|F − F̂|² sums the three components. With β > 0, each NLL term is multiplied by the detached
+variance to the power β (β-NLL, Seitzer et al. 2022): σ²ᵝ for energies, (trace Σ_i / 3)ᵝ for
+forces; β = 0 is the plain NLL.
+
+Warm-up (``warmup=True``): the mean is trained by the ``mse`` terms alone, while the variance
+terms of the chosen NLL are evaluated on *detached* means, so the variance heads already match
+the residuals when the NLL switches on, and the switch does not throw the mean off.
 """
 
 from __future__ import annotations
@@ -38,14 +40,14 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Ten
     return (values * weights).sum() / (weights.sum() if total is None else total)
 
 
-def energy_mse(residual, n_atoms, w, total=None):
-    """⟨(r/N)²⟩ with r = E − μ (eV)."""
-    return _weighted_mean((residual / n_atoms) ** 2, w, total)
+def energy_mse(residual, w, total=None):
+    """⟨r²⟩ with r = E − μ (eV)."""
+    return _weighted_mean(residual**2, w, total)
 
 
 def forces_mse(pred_f, ref_f, w_atoms, total=None):
-    """⟨|F − F̂|²⟩ / 3 over atoms."""
-    return _weighted_mean(((pred_f - ref_f) ** 2).mean(dim=1), w_atoms, total)
+    """⟨|F − F̂|²⟩ over atoms (sum over the three components)."""
+    return _weighted_mean(((pred_f - ref_f) ** 2).sum(dim=1), w_atoms, total)
 
 
 def energy_nll(residual, var_e, w, lam: float, beta: float, total=None):
@@ -74,31 +76,43 @@ def compute_loss(
     pred: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor],
     weights: LossWeights,
+    warmup: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of ``kind`` for one batch, and its parts (as floats) for logging.
 
     Args:
         pred: ``energy`` (B,) float64, ``energy_var`` (B,), ``forces`` (n, 3),
             ``forces_cov`` (n, 3, 3).
-        ref: ``energy`` (B,) float64, ``forces`` (n, 3), ``n_atoms`` (B,), ``weight`` (B,),
-            ``atom_weight`` (n,) (the weight of each atom's structure), and optionally
-            ``weight_total`` / ``atom_weight_total``: the sums over the whole batch when it is
-            split across processes.
+        ref: ``energy`` (B,) float64, ``forces`` (n, 3), ``weight`` (B,), ``atom_weight`` (n,)
+            (the weight of each atom's structure), and optionally ``weight_total`` /
+            ``atom_weight_total``: the sums over the whole batch when it is split across
+            processes.
+        warmup: mean-only warm-up (see the module docstring).
     """
     if kind not in LOSSES:
         raise ConfigError(f"unknown loss {kind!r}; choose one of {LOSSES}")
-    dtype = pred["forces"].dtype
     # Total energies are ~10⁴–10⁵ eV: subtract in float64 before casting to the model dtype.
-    residual = (ref["energy"] - pred["energy"]).to(dtype)
+    residual = (ref["energy"] - pred["energy"]).to(pred["forces"].dtype)
+    forces = pred["forces"]
     w, w_atoms = ref["weight"], ref["atom_weight"]
     tw, ta = ref.get("weight_total"), ref.get("atom_weight_total")
-    if kind == "mse":
-        e_part = weights.energy * energy_mse(residual, ref["n_atoms"], w, tw)
+    mean_only = kind == "mse" or warmup
+    if mean_only:
+        parts = {
+            "energy": weights.energy * energy_mse(residual, w, tw),
+            "forces": weights.forces * forces_mse(forces, ref["forces"], w_atoms, ta),
+        }
+        residual, forces = residual.detach(), forces.detach()  # variance terms below: heads only
     else:
-        e_part = energy_nll(residual, pred["energy_var"], w, weights.energy, weights.beta, tw)
+        parts = {"energy": residual.new_zeros(()), "forces": residual.new_zeros(())}
+    if kind in ("nll_e", "nll_jef"):
+        key = "variance" if mean_only else "energy"
+        parts[key] = parts.get(key, 0) + energy_nll(residual, pred["energy_var"], w, weights.energy, weights.beta, tw)
+    if kind == "nll_e" and not mean_only:
+        parts["forces"] = weights.forces * forces_mse(forces, ref["forces"], w_atoms, ta)
     if kind == "nll_jef":
-        f_part = forces_nll(pred["forces"], pred["forces_cov"], ref["forces"], w_atoms, weights.forces, weights.beta, ta)
-    else:
-        f_part = weights.forces * forces_mse(pred["forces"], ref["forces"], w_atoms, ta)
-    parts = {"energy": e_part, "forces": f_part}
-    return e_part + f_part, {name: float(value.detach()) for name, value in parts.items()}
+        key = "variance" if mean_only else "forces"
+        nll = forces_nll(forces, pred["forces_cov"], ref["forces"], w_atoms, weights.forces, weights.beta, ta)
+        parts[key] = parts.get(key, 0) + nll
+    total = sum(parts.values())
+    return total, {name: float(value.detach()) for name, value in parts.items()}
