@@ -44,7 +44,7 @@ _UPGRADES: dict[int, Callable[[dict], dict]] = {}
 
 @dataclass
 class Calibration:
-    """Factors that multiply reported variances (fitted by ``ase-race calibrate``)."""
+    """Factors that multiply reported variances (1 by default; a calibration step sets them)."""
 
     energy_var_scale: float = 1.0
     forces_var_scale: float = 1.0
@@ -128,6 +128,21 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             os.fsync(handle.fileno())
         # mkstemp creates the file 0600; give it the usual permissions (or the old file's).
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from .. import _keys as K
 from ..graph import MIN_DISTANCE, NeighbourCache, from_atoms
@@ -53,7 +54,8 @@ class RACECalculator(Calculator):
 
     Args:
         model: path to a model file, the name of a shipped model, or a loaded
-            :class:`~ase_race.modelfile.ModelBundle` / :class:`~ase_race.posteriors.Posterior`.
+            :class:`~ase_race.modelfile.ModelBundle` / :class:`~ase_race.posteriors.Posterior`
+            (copied, so the object passed in is left as it was).
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available, else CPU).
         dtype: ``torch.float32``/``torch.float64`` or their names (default: the model's).
         skin: neighbour-list skin (Å); the list is rebuilt only when an atom moved more than
@@ -89,8 +91,9 @@ class RACECalculator(Calculator):
         if isinstance(model, Posterior):
             model = ModelBundle(model)
         if isinstance(model, ModelBundle):
-            model.posterior.to(device=device, dtype=dtype)
-            bundle = model
+            # Work on a copy: the caller's posterior keeps its device and dtype.
+            bundle = copy.deepcopy(model)
+            bundle.posterior.to(device=device, dtype=dtype)
         else:
             bundle = load_model(model, device=device, dtype=dtype)
         self.bundle = bundle
@@ -110,6 +113,7 @@ class RACECalculator(Calculator):
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        self._refuse_unavailable(properties or ())
         if "numbers" in system_changes:
             self.neighbours.reset()
         atoms = self.atoms
@@ -126,6 +130,21 @@ class RACECalculator(Calculator):
         prediction = self.posterior.predict(graph, compute_stress=periodic, edge_chunk=self.edge_chunk)
         self.n_evaluations += 1
         self.results = self._results(prediction, periodic)
+
+    def _refuse_unavailable(self, properties) -> None:
+        """Raise before evaluating when a property cannot be had for these atoms (otherwise ASE
+        would evaluate the network a second time before reporting the property missing)."""
+        if "stress" in properties or K.STRESS_VAR in properties:
+            if not self.atoms.pbc.all():
+                raise PropertyNotImplementedError(
+                    f"stress needs a cell periodic in all three directions (pbc={self.atoms.pbc.tolist()})"
+                )
+        wanted = {K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE} & set(properties)
+        if wanted and not self.posterior.provides_ensemble:
+            raise PropertyNotImplementedError(
+                f"{sorted(wanted)} need a sampling posterior (ensemble, SWAG, IVON); this model is "
+                f"{self.posterior.kind!r}"
+            )
 
     def _results(self, p: Prediction, periodic: bool) -> dict:
         """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats."""

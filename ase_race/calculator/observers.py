@@ -32,13 +32,16 @@ ARRAY_KEYS = (K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_E
 
 
 def store_uncertainties(atoms: Atoms) -> Atoms:
-    """Copy the uncertainties of ``atoms.calc``'s last results into ``atoms`` (returns it).
+    """Copy the uncertainties of ``atoms.calc`` for the current geometry into ``atoms``
+    (returns it). If the atoms changed since the last calculation, they are evaluated first.
 
-    Raises ``RuntimeError`` if the calculator holds no results for these atoms.
+    Raises ``RuntimeError`` if the atoms have no RACECalculator attached.
     """
     calc = atoms.calc
-    if calc is None or K.ENERGY_VAR not in getattr(calc, "results", {}):
-        raise RuntimeError("atoms have no RACECalculator results yet; call atoms.get_potential_energy() first")
+    if calc is None or K.ENERGY_VAR not in calc.implemented_properties:
+        raise RuntimeError("atoms have no RACECalculator attached")
+    if K.ENERGY_VAR not in calc.results or calc.check_state(atoms):
+        atoms.get_potential_energy()
     for key in INFO_KEYS:
         if key in calc.results:
             atoms.info[K.INFO_PREFIX + key] = calc.results[key]

@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default="race_md", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
 
 
 def load_structure(path: str | None):

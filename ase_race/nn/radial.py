@@ -21,7 +21,11 @@ class BesselBasis(nn.Module):
         super().__init__()
         self.r_max = float(r_max)
         self.prefactor = math.sqrt(2.0 / self.r_max)
-        self.register_buffer("frequencies", math.pi / self.r_max * torch.arange(1, num_basis + 1))
+        # float64 explicitly: sin(nπ r/r_c) must vanish at r_c in every model dtype, whatever
+        # torch's default dtype is.
+        self.register_buffer(
+            "frequencies", math.pi / self.r_max * torch.arange(1, num_basis + 1, dtype=torch.float64)
+        )
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
         r = r.unsqueeze(-1)

@@ -53,6 +53,8 @@ class Posterior(ABC):
     """An approximate posterior over RACE weights with a predictive for atomic graphs."""
 
     kind: ClassVar[str]
+    #: True for posteriors that evaluate members or samples (energy_ensemble, forces_ensemble).
+    provides_ensemble: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type["Posterior"]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

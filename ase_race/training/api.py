@@ -12,7 +12,7 @@ from ..config import ModelConfig, TrainConfig
 from ..data import KeyMap, dataset_statistics, fit_e0s, isolated_atom_e0s, read_frames, split_frames
 from ..data.readers import fingerprint
 from ..errors import ConfigError, DataError
-from ..modelfile import save_model
+from ..modelfile import atomic_write_text, save_model
 from ..nn import TORCH_DTYPES
 from ..posteriors import MVEPosterior
 from . import distributed as dist_utils
@@ -112,6 +112,6 @@ def train(config: TrainConfig, on_step=None) -> Path:
         "metrics": metrics,
     }
     path = save_model(Path(config.output_dir) / f"{config.model_name}.pt", MVEPosterior(best), metadata=metadata)
-    (Path(config.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(Path(config.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     log.info("wrote %s; %s", path, json.dumps(metrics))
     return path

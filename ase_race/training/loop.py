@@ -13,7 +13,6 @@ import csv
 import io
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import torch
 
 from ..config import ModelConfig, TrainConfig
 from ..errors import ConfigError
-from ..modelfile import atomic_torch_save
+from ..modelfile import atomic_torch_save, atomic_write_text
 from ..nn import RACE, build_model
 from . import distributed as dist_utils
 from .batches import GraphDataset, predictions_for_loss
@@ -270,9 +269,7 @@ class Trainer:
         writer = csv.DictWriter(buffer, fieldnames=list(self.state.history[0]))
         writer.writeheader()
         writer.writerows(self.state.history)
-        tmp = self.out_dir / ".metrics.csv.tmp"
-        tmp.write_text(buffer.getvalue())
-        os.replace(tmp, self.out_dir / "metrics.csv")
+        atomic_write_text(self.out_dir / "metrics.csv", buffer.getvalue())
 
     def _progress(self, total: int, done: int):
         """A tqdm bar on a terminal; None in logs and on ranks other than 0."""
