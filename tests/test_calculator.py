@@ -42,9 +42,12 @@ def test_every_property_in_one_calculation(posterior64, ethanol):
     # Covariances are symmetric positive definite.
     assert np.allclose(r["forces_cov"], r["forces_cov"].transpose(0, 2, 1))
     assert np.linalg.eigvalsh(r["forces_cov"]).min() > 0
-    # Not a periodic cell: no stress.
-    with pytest.raises(PropertyNotImplementedError):
+    # Not a periodic cell: no stress, refused without evaluating the network again.
+    with pytest.raises(PropertyNotImplementedError, match="periodic"):
         ethanol.get_stress()
+    with pytest.raises(PropertyNotImplementedError, match="sampling posterior"):
+        calc.get_property("energy_ensemble", ethanol)
+    assert calc.n_evaluations == 1
 
 
 def test_periodic_cell_gives_stress_and_its_variance(posterior64, silicon):
@@ -88,8 +91,8 @@ def test_one_evaluation_per_md_step(posterior64, ethanol, tmp_path):
     np.testing.assert_allclose(last.arrays["race_forces_std"], calc.results["forces_std"])
 
 
-def test_store_uncertainties_requires_results(ethanol):
-    with pytest.raises(RuntimeError, match="no RACECalculator results"):
+def test_store_uncertainties_requires_a_race_calculator(ethanol):
+    with pytest.raises(RuntimeError, match="no RACECalculator attached"):
         store_uncertainties(ethanol)
 
 
@@ -111,3 +114,42 @@ def test_dtype_and_device_are_per_calculator(posterior64, ethanol, tmp_path):
     e32 = calc32.get_potential_energy(ethanol)
     e64 = calc64.get_potential_energy(ethanol)
     assert e32 != e64 and abs(e32 - e64) < 1e-4
+
+
+def test_changes_of_cell_pbc_and_atoms_give_fresh_results(posterior64, silicon):
+    """The neighbour-list cache must never serve a stale list: after each change the results
+    equal those of a brand-new calculator."""
+    calc = RACECalculator(posterior64)
+    atoms = silicon.copy()
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    changes = [
+        lambda a: a.set_cell(a.cell.array * 1.03, scale_atoms=True),  # cell
+        lambda a: a.set_pbc([True, True, False]),  # pbc
+        lambda a: a.pop(),  # atom count
+        lambda a: a.set_atomic_numbers([1] + list(a.numbers[1:])),  # species
+    ]
+    for change in changes:
+        change(atoms)
+        atoms.get_potential_energy()
+        fresh = atoms.copy()
+        fresh.calc = RACECalculator(posterior64)
+        fresh.get_potential_energy()
+        np.testing.assert_allclose(calc.results["energy"], fresh.calc.results["energy"], rtol=1e-12)
+        np.testing.assert_allclose(calc.results["forces"], fresh.calc.results["forces"], atol=1e-12)
+
+
+def test_works_under_no_grad(posterior64, ethanol):
+    ethanol.calc = RACECalculator(posterior64)
+    with torch.no_grad():
+        forces = ethanol.get_forces()
+    assert np.abs(forces).max() > 0
+
+
+def test_store_uncertainties_follows_the_atoms(posterior64, ethanol):
+    ethanol.calc = RACECalculator(posterior64)
+    ethanol.get_potential_energy()
+    first = ethanol.calc.results["energy_std"]
+    ethanol.positions[0] += 0.2
+    store_uncertainties(ethanol)  # evaluates the moved atoms instead of copying stale numbers
+    assert ethanol.info["race_energy_std"] == ethanol.calc.results["energy_std"] != first

@@ -83,7 +83,10 @@ def test_killed_run_resumes_exactly(emt_file, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
+    straight = list(csv.DictReader(open(tmp_path / "straight" / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]  # nothing lost, nothing duplicated
+    for key in ("train_loss", "valid_loss", "forces_mae_meV_A", "lr"):
+        assert [r[key] for r in rows] == [r[key] for r in straight], key
 
 
 def test_resume_refuses_changed_settings(emt_file, tmp_path):
