@@ -120,7 +120,7 @@ def test_vasprun_ionic_steps_units_and_sign(monkeypatch):
     class FakeVasprun:
         def __init__(self, path, **kwargs):
             self.ionic_steps = [
-                {"structure": structure, "e_0_energy": -5.0 - k, "forces": [[0.1 * k, 0, 0]],
+                {"structure": structure, "e_fr_energy": -5.0 - k, "e_0_energy": 99.0, "forces": [[0.1 * k, 0, 0]],
                  "stress": [[10.0, 0, 0], [0, 20.0, 0], [0, 0, 30.0]]}
                 for k in range(3)
             ]

@@ -145,7 +145,10 @@ def frames_from_pymatgen(structures: Iterable, energies=None, forces=None, stres
 
 
 def read_vasprun(path: str | Path) -> list[Frame]:
-    """Every ionic step of a ``vasprun.xml``: energy (``e_0_energy``, sigma → 0), forces, stress.
+    """Every ionic step of a ``vasprun.xml``: energy, forces, stress.
+
+    The energy is the free energy (``e_fr_energy``), the quantity VASP's forces are derivatives
+    of; the σ → 0 extrapolation would be inconsistent with the forces under smearing.
 
     VASP reports stress in kBar with the opposite sign convention; it is converted to eV/Å³ in
     ASE's convention (positive = tensile).
@@ -158,7 +161,7 @@ def read_vasprun(path: str | Path) -> list[Frame]:
     kbar = 0.1 * GPa
     frames = frames_from_pymatgen(
         [s["structure"] for s in steps],
-        energies=[s["e_0_energy"] for s in steps],
+        energies=[s["e_fr_energy"] for s in steps],
         forces=[s["forces"] for s in steps],
         stresses=[-np.asarray(s["stress"]) * kbar for s in steps] if "stress" in steps[0] else None,
     )
