@@ -1,6 +1,6 @@
 """Train and evaluate the rMD17 ethanol model; prints the table recorded in its model card.
 
-    python benchmarks/train_rmd17.py [--data ../shared/data] [--config recipes/rmd17_ethanol.yaml] [key=value ...]
+    python benchmarks/train_rmd17.py [--data ../shared/data] [--config recipes/rmd17_ethanol.yaml] [--ship] [key=value ...]
 
 Converts the rMD17 npz files to extxyz (data/rmd17_ethanol/), trains with the recipe (resuming
 if its checkpoint exists), then prints test-set energy and force MAE/RMSE, NLLs, training wall
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--config", default=str(HERE.parent / "recipes" / "rmd17_ethanol.yaml"))
+    parser.add_argument("--ship", action="store_true", help="copy the trained model into models/")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -44,6 +46,10 @@ def main() -> None:
               f"{row['forces_rmse_meV_A']:13.2f} {row['energy_nll']:7.3f} {row['forces_nll']:7.3f}")
     print(f"training: {t['epochs']} epochs (best {t['best_epoch']}), {t['wall_time_s'] / 60:.1f} min, "
           f"{t['structures_per_s']:.0f} structures/s")
+    if args.ship:
+        target = HERE.parent / "models" / Path(model_path).name
+        shutil.copyfile(model_path, target)
+        print(f"shipped as {target}")
 
 
 if __name__ == "__main__":

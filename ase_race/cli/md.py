@@ -47,7 +47,10 @@ def run(args) -> int:
     import numpy as np
     from ase import units
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    try:
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # ASE < 3.29
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
     from ..calculator import RACECalculator, UncertaintyLog, UncertaintyWriter
@@ -57,7 +60,7 @@ def run(args) -> int:
     atoms = load_structure(args.structure)
     atoms.calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
     rng = np.random.default_rng(args.seed)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=rng)
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
     dt = args.timestep * units.fs
     if args.ensemble == "langevin":
         dyn = Langevin(atoms, dt, temperature_K=args.temperature, friction=args.friction / units.fs,
