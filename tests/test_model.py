@@ -5,12 +5,12 @@ import pytest
 import torch
 from ase import Atoms, units
 from ase.build import molecule
+from ase.md.verlet import VelocityVerlet
 
 try:
     from ase.md.velocitydistribution import thermalize_momenta
 except ImportError:  # ASE < 3.29
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
-from ase.md.verlet import VelocityVerlet
 
 from ase_race import RACECalculator
 from ase_race.config import ModelConfig
