@@ -169,3 +169,14 @@ def test_edge_chunking_gives_the_same_numbers(posterior64, silicon):
     assert n_edges > 4 * 20  # several chunks
     for key in ("energy", "forces", "stress", "energy_var", "forces_cov"):
         np.testing.assert_allclose(results[1][key], results[0][key], rtol=1e-12, atol=1e-13, err_msg=key)
+
+
+def test_paper_preset_builds_and_is_invariant(ethanol):
+    """The paper's 5-layer, 128-feature preset with both parities up to l = 3."""
+    post = random_posterior("paper", seed=0, species=(1, 6, 8))
+    assert len(post.model.layers) == 5
+    assert sum(p.numel() for p in post.model.parameters()) > 3_000_000
+    rot = random_orthogonal(2, reflect=True)
+    ref, new = evaluate(post, ethanol), evaluate(post, transform(ethanol, rot))
+    np.testing.assert_allclose(new["energy"], ref["energy"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(new["forces"], ref["forces"] @ rot.T, atol=1e-9)
