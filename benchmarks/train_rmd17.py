@@ -40,10 +40,12 @@ def main() -> None:
     meta = load_model(model_path).metadata
     t, m = meta["training"], meta["metrics"]
     print(f"\nmodel: {model_path}")
-    print(f"{'set':>6} {'E MAE meV':>10} {'E RMSE meV':>11} {'F MAE meV/Å':>12} {'F RMSE meV/Å':>13} {'E NLL':>7} {'F NLL':>7}")
+    print(f"{'set':>6} {'E MAE meV':>10} {'E RMSE meV':>11} {'E RMS σ':>8} {'F MAE meV/Å':>12} "
+          f"{'F RMSE meV/Å':>13} {'F RMS σ':>8} {'E NLL':>7} {'F NLL':>7}")
     for name, row in m.items():
-        print(f"{name:>6} {row['energy_mae_meV']:10.2f} {row['energy_rmse_meV']:11.2f} {row['forces_mae_meV_A']:12.2f} "
-              f"{row['forces_rmse_meV_A']:13.2f} {row['energy_nll']:7.3f} {row['forces_nll']:7.3f}")
+        print(f"{name:>6} {row['energy_mae_meV']:10.2f} {row['energy_rmse_meV']:11.2f} {row.get('energy_rms_std_meV', float('nan')):8.2f} "
+              f"{row['forces_mae_meV_A']:12.2f} {row['forces_rmse_meV_A']:13.2f} {row.get('forces_rms_std_meV_A', float('nan')):8.2f} "
+              f"{row['energy_nll']:7.3f} {row['forces_nll']:7.3f}")
     print(f"training: {t['epochs']} epochs (best {t['best_epoch']}), {t['wall_time_s'] / 60:.1f} min, "
           f"{t['structures_per_s']:.0f} structures/s")
     if args.ship:

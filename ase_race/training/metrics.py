@@ -15,9 +15,11 @@ def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device=
 
     Returns (units in the names): ``energy_mae_meV``, ``energy_rmse_meV``,
     ``forces_mae_meV_A``, ``forces_rmse_meV_A`` (per component), ``energy_nll`` (per structure,
-    ½[r²/σ² + log 2πσ²] with σ in eV), ``forces_nll`` (per atom, ½[ΔFᵀΣ⁻¹ΔF + log det 2πΣ]).
+    ½[r²/σ² + log 2πσ²] with σ in eV), ``forces_nll`` (per atom, ½[ΔFᵀΣ⁻¹ΔF + log det 2πΣ]),
+    and ``energy_rms_std_meV`` / ``forces_rms_std_meV_A``: the root-mean-square predicted σ
+    (per structure / per component), which a calibrated model makes close to the RMSE.
     """
-    e_abs, e_sq, f_abs, f_sq, e_nll, f_nll = [], [], [], [], [], []
+    e_abs, e_sq, f_abs, f_sq, e_nll, f_nll, e_var, f_var = [], [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     for batch in dataset.batches(batch_size, device):
@@ -28,6 +30,7 @@ def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device=
         cov = out[K.FORCES_COV].detach().double()
         e_abs.append(r.abs()), e_sq.append(r**2), f_abs.append(df.abs().ravel()), f_sq.append((df**2).ravel())
         e_nll.append(0.5 * (r**2 / var + torch.log(2 * math.pi * var)))
+        e_var.append(var), f_var.append(torch.diagonal(cov, dim1=1, dim2=2).ravel())
         maha = (df.unsqueeze(1) @ torch.linalg.solve(cov, df.unsqueeze(-1))).squeeze()
         f_nll.append(0.5 * (maha + torch.logdet(2 * math.pi * cov)))
     model.train(was_training)
@@ -39,4 +42,6 @@ def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device=
         "forces_rmse_meV_A": 1000 * math.sqrt(float(cat(f_sq).mean())),
         "energy_nll": float(cat(e_nll).mean()),
         "forces_nll": float(cat(f_nll).mean()),
+        "energy_rms_std_meV": 1000 * math.sqrt(float(cat(e_var).mean())),
+        "forces_rms_std_meV_A": 1000 * math.sqrt(float(cat(f_var).mean())),
     }
