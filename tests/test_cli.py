@@ -17,7 +17,8 @@ def ase_race(*args, cwd=None):
 
 def test_md_writes_trajectory_log_and_plot(tmp_path):
     out = tmp_path / "md"
-    proc = ase_race("md", "--model", FIXTURE, "--steps", "30", "--interval", "10", "--output", str(out))
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "30", "--interval", "10", "--log-interval", "5",
+                    "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     table = [line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [int(line.split()[0]) for line in table[1:]] == [0, 10, 20, 30]
@@ -25,6 +26,7 @@ def test_md_writes_trajectory_log_and_plot(tmp_path):
     assert len(frames) == 4
     assert frames[-1].info["race_max_forces_std"] > 0 and frames[-1].arrays["race_forces_std"].shape == (9, 3)
     rows = list(csv.DictReader(open(out / "uncertainty.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15, 20, 25, 30]
     assert float(rows[-1]["max_forces_std"]) == frames[-1].info["race_max_forces_std"]
     assert (out / "uncertainty.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -84,23 +84,25 @@ class UncertaintyLog:
         self.rows: list[dict[str, float]] = []
 
     def __call__(self) -> None:
+        self.rows.append(self.row())
+
+    def row(self) -> dict[str, float]:
+        """The current values (the calculator's results for the current geometry)."""
         from ase import units
 
-        results = self.atoms.calc.results
-        if K.ENERGY_VAR not in results:
+        calc = self.atoms.calc
+        if K.ENERGY_VAR not in calc.results or calc.check_state(self.atoms):
             self.atoms.get_potential_energy()
-            results = self.atoms.calc.results
+        results = calc.results
         step = self.dynamics.nsteps if self.dynamics is not None else len(self.rows)
         dt = self.dynamics.dt if self.dynamics is not None else 0.0
         total = float(results[K.FORCES_VAR].sum())
-        self.rows.append(
-            {
-                "step": step,
-                "time_fs": step * dt / units.fs,
-                "temperature_K": float(self.atoms.get_temperature()),
-                "energy": float(results[K.ENERGY]),
-                "energy_std": float(results[K.ENERGY_STD]),
-                "max_forces_std": float(results[K.MAX_FORCES_STD]),
-                "epistemic_share": float(results[K.FORCES_VAR_EPISTEMIC].sum()) / total if total > 0 else 0.0,
-            }
-        )
+        return {
+            "step": step,
+            "time_fs": step * dt / units.fs,
+            "temperature_K": float(self.atoms.get_temperature()),
+            "energy": float(results[K.ENERGY]),
+            "energy_std": float(results[K.ENERGY_STD]),
+            "max_forces_std": float(results[K.MAX_FORCES_STD]),
+            "epistemic_share": float(results[K.FORCES_VAR_EPISTEMIC].sum()) / total if total > 0 else 0.0,
+        }

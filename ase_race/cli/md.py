@@ -30,6 +30,7 @@ def add_arguments(p) -> None:
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     p.add_argument("--interval", type=int, default=100, help="steps between table rows and saved frames")
+    p.add_argument("--log-interval", type=int, default=10, help="steps between points of the CSV log and plot")
     p.add_argument("--output", default="race_md", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -69,9 +70,9 @@ def run(args) -> int:
         dyn = VelocityVerlet(atoms, dt)
     log = UncertaintyLog(atoms, dyn)
     trajectory = out / "trajectory.extxyz"
-    dyn.attach(log, interval=args.interval)
+    dyn.attach(log, interval=args.log_interval)
     dyn.attach(UncertaintyWriter(atoms, str(trajectory)), interval=args.interval)
-    dyn.attach(lambda: _print_row(log.rows[-1]), interval=args.interval)
+    dyn.attach(lambda: _print_row(log.row()), interval=args.interval)
 
     print(f"{len(atoms)} atoms, {args.ensemble} at {args.temperature:g} K, {args.steps} steps of {args.timestep} fs, "
           f"model {args.model}")
