@@ -8,7 +8,6 @@ Nothing here touches torch's global RNG or default dtype: seeded work runs insid
 from __future__ import annotations
 
 import numpy as np
-import torch
 from ase import Atoms
 
 from .config import ModelConfig

@@ -1,7 +1,6 @@
 """Model files: bit-identical round trips, versioned fixtures, and every bad-file error."""
 
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
