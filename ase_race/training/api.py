@@ -15,7 +15,6 @@ from ..errors import ConfigError, DataError
 from ..modelfile import atomic_write_text, save_model
 from ..nn import TORCH_DTYPES
 from ..posteriors import MVEPosterior
-from . import distributed as dist_utils
 from .batches import GraphDataset
 from .loop import Trainer
 from .metrics import evaluate_dataset
@@ -84,10 +83,6 @@ def train(config: TrainConfig, on_step=None) -> Path:
     train_set = GraphDataset(train_frames, model_config.species, model_config.r_max, dtype)
     valid_set = GraphDataset(valid_frames, model_config.species, model_config.r_max, dtype)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    import torch
-
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dist_utils.init_from_environment(device)
     trainer = Trainer(config, model_config, train_set, valid_set, on_step=on_step)
     log.info("training on %d structures, validating on %d; %s", len(train_set), len(valid_set), model_config)
     state = trainer.run()

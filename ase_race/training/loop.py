@@ -78,6 +78,7 @@ class Trainer:
         self.on_step = on_step
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out_dir = Path(config.output_dir)
+        dist_utils.init_from_environment(self.device)  # a no-op unless started by torchrun
         self.rank, self.world = dist_utils.rank_and_world()
         if self.world > 1:
             self.device = dist_utils.local_device(self.device)
@@ -194,13 +195,11 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Metrics of the EMA weights on the validation set, plus the loss they would have."""
         self.eval_model.load_state_dict(self.ema)
-        metrics = evaluate_dataset(self.eval_model, self.valid_set, device=self.device)
-        total = 0.0
-        for batch in self.valid_set.batches(16, self.device):
-            out = self.eval_model(batch.graph, compute_forces=True)
-            loss, _ = compute_loss(self.config.loss, predictions_for_loss(out), batch.ref, self.weights)
-            total += float(loss.detach()) * batch.n_structures
-        return {"valid_loss": total / len(self.valid_set), **metrics}
+
+        def loss_fn(out, batch):
+            return compute_loss(self.config.loss, predictions_for_loss(out), batch.ref, self.weights)[0]
+
+        return evaluate_dataset(self.eval_model, self.valid_set, device=self.device, loss_fn=loss_fn)
 
     def run(self, max_steps: int | None = None) -> TrainState:
         """Train until ``max_epochs`` (or ``max_time_s``, or ``max_steps`` more steps)."""

@@ -10,7 +10,9 @@ from .. import _keys as K
 from .batches import GraphDataset
 
 
-def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device="cpu") -> dict[str, float]:
+def evaluate_dataset(
+    model, dataset: GraphDataset, batch_size: int = 16, device="cpu", loss_fn=None
+) -> dict[str, float]:
     """Energy and force errors and Gaussian NLLs of ``model`` on ``dataset``.
 
     Returns (units in the names): ``energy_mae_meV``, ``energy_rmse_meV``,
@@ -18,12 +20,17 @@ def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device=
     ½[r²/σ² + log 2πσ²] with σ in eV), ``forces_nll`` (per atom, ½[ΔFᵀΣ⁻¹ΔF + log det 2πΣ]),
     and ``energy_rms_std_meV`` / ``forces_rms_std_meV_A``: the root-mean-square predicted σ
     (per structure / per component), which a calibrated model makes close to the RMSE.
+    With ``loss_fn(out, batch) -> tensor`` (a batch-mean loss), also ``valid_loss``: its mean
+    over structures, from the same forward passes.
     """
+    loss_total = 0.0
     e_abs, e_sq, f_abs, f_sq, e_nll, f_nll, e_var, f_var = [], [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     for batch in dataset.batches(batch_size, device):
         out = model(batch.graph, compute_forces=True)
+        if loss_fn is not None:
+            loss_total += float(loss_fn(out, batch).detach()) * batch.n_structures
         r = (batch.ref["energy"] - out[K.ENERGY].detach()).double()
         var = out[K.ENERGY_VAR].detach().double()
         df = (batch.ref["forces"] - out[K.FORCES].detach()).double()
@@ -35,7 +42,9 @@ def evaluate_dataset(model, dataset: GraphDataset, batch_size: int = 16, device=
         f_nll.append(0.5 * (maha + torch.logdet(2 * math.pi * cov)))
     model.train(was_training)
     cat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
+    extra = {"valid_loss": loss_total / len(dataset)} if loss_fn is not None else {}
     return {
+        **extra,
         "energy_mae_meV": 1000 * float(cat(e_abs).mean()),
         "energy_rmse_meV": 1000 * math.sqrt(float(cat(e_sq).mean())),
         "forces_mae_meV_A": 1000 * float(cat(f_abs).mean()),
