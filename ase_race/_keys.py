@@ -26,6 +26,7 @@ ENERGY: Final[str] = "energy"  # (n_graphs,) eV
 ENERGY_VAR: Final[str] = "energy_var"  # (n_graphs,) eV²
 FORCES: Final[str] = "forces"  # (n_atoms, 3) eV/Å
 FORCES_COV: Final[str] = "forces_cov"  # (n_atoms, 3, 3) (eV/Å)²
+FEATURES: Final[str] = "features"  # (n_atoms, P) last-layer features φ (see RACE.outputs)
 STRESS: Final[str] = "stress"  # (n_graphs, 3, 3) eV/Å³; the calculator reports 6 Voigt numbers
 VIRIAL: Final[str] = "virial"  # (n_graphs, 3, 3) eV
 
@@ -43,6 +44,9 @@ STRESS_VAR: Final[str] = "stress_var"  # (6,) (eV/Å³)², Voigt order xx yy zz 
 MAX_FORCES_STD: Final[str] = "max_forces_std"  # float eV/Å, max_i sqrt(trace forces_cov_i)
 ENERGY_ENSEMBLE: Final[str] = "energy_ensemble"  # (n_members,) eV, sampling posteriors only
 FORCES_ENSEMBLE: Final[str] = "forces_ensemble"  # (n_members, n_atoms, 3) eV/Å
+BALD_ENERGY: Final[str] = "bald_energy"  # float nats, mutual information of energy and weights
+BALD_FORCES: Final[str] = "bald_forces"  # float nats, the same for the forces (summed over atoms)
+BALD: Final[str] = "bald"  # float nats, bald_energy + bald_forces (BALD-EF)
 
 # --- names under which uncertainties are copied into atoms.info / atoms.arrays ------------
 INFO_PREFIX: Final[str] = "race_"  # e.g. atoms.info["race_energy_std"]

@@ -18,7 +18,8 @@ FORCE_COV_FORMS = ("equivariant", "cholesky")
 ENERGY_VAR_FORMS = ("sum", "paper")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "nll_e", "nll_jef")
-METHODS = ("mve",)
+METHODS = ("mve", "ensemble", "swag", "ivon", "laplace")
+LAPLACE_SUBSETS = ("all", "last_layer")
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,22 @@ class TrainConfig:
     ``plateau_factor`` / ``min_lr`` (plateau learning-rate decay on the validation loss),
     ``max_time_s`` (stop after this wall time, 0 = no limit).
 
+    Posterior (SPEC §4): ``method`` (mve | ensemble | swag | ivon | laplace); ``members`` (deep
+    ensemble size M; member k is trained with seed ``seed + k`` in ``output_dir/member_k``,
+    all on the same split); ``test_samples`` (samples of SWAG / IVON / Laplace at prediction
+    time; 0 = the method's default: 30, 16, 16); ``swag_start_epoch``, ``swag_interval``
+    (epochs between snapshots), ``swag_rank`` (deviation columns K), ``swag_lr`` (constant
+    learning rate from the start epoch; 0 = keep the current one); ``ivon_lr``, ``ivon_ess``
+    (effective sample size; 0 = number of labels: Σ over training structures of 1 + 3n), ``ivon_hess_init``,
+    ``ivon_beta2``, ``ivon_weight_decay``, ``ivon_train_samples`` (weight samples per step), ``ivon_clip_radius`` (bound on each
+    weight's preconditioned step, IVON's guard against the large early gradients of force fields);
+    ``laplace_subset`` (all: diagonal GGN over every weight with laplace-torch; last_layer: the
+    closed-form last-layer Laplace with force Jacobians), ``laplace_prior_precision`` (0 = by
+    marginal likelihood), ``laplace_noise`` (all-weight Laplace: ``residual`` fixes the energy
+    noise σ to the RMS training residual; ``marglik`` fits it by marginal likelihood as the
+    paper does, which on rMD17 ethanol collapses to σ ≈ 3 eV, see docs/posteriors/laplace.md), ``base_model`` (a model file to fit the Laplace posterior around
+    instead of training one first).
+
     Output: ``output_dir`` (checkpoint, metrics.csv, the model file), ``model_name``,
     ``checkpoint_every`` (steps between checkpoints; one is always written at epoch ends),
     ``seed``, ``device``.
@@ -258,6 +275,23 @@ class TrainConfig:
     plateau_factor: float = 0.8
     min_lr: float = 1e-5
     max_time_s: float = 0.0
+    members: int = 10
+    test_samples: int = 0
+    swag_start_epoch: int = 50
+    swag_interval: int = 1
+    swag_rank: int = 40
+    swag_lr: float = 0.0
+    ivon_lr: float = 0.05
+    ivon_ess: float = 0.0
+    ivon_hess_init: float = 1.0
+    ivon_beta2: float = 0.99999
+    ivon_weight_decay: float = 1e-4
+    ivon_train_samples: int = 1
+    ivon_clip_radius: float = 1.0
+    laplace_subset: str = "all"
+    laplace_prior_precision: float = 0.0
+    laplace_noise: str = "residual"
+    base_model: str = ""
     output_dir: str = "race_run"
     model_name: str = "model"
     checkpoint_every: int = 100
@@ -267,6 +301,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("loss", self.loss, LOSSES)
         _choice("method", self.method, METHODS)
+        _choice("laplace_subset", self.laplace_subset, LAPLACE_SUBSETS)
+        _choice("laplace_noise", self.laplace_noise, ("marglik", "residual"))
+        if self.members < 1 or self.swag_rank < 2 or self.swag_interval < 1 or self.ivon_train_samples < 1:
+            raise ConfigError("members and ivon_train_samples must be ≥ 1, swag_interval ≥ 1, swag_rank ≥ 2")
         if self.batch_size < 1 or self.max_epochs < 0 or self.checkpoint_every < 1:
             raise ConfigError("batch_size and checkpoint_every must be ≥ 1 and max_epochs ≥ 0")
         if not 0 <= self.ema_decay < 1:
@@ -277,6 +315,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":

@@ -9,6 +9,13 @@ skin most MD steps reuse the list and pay less), and the peak resident memory of
 With ``--mace-python`` (an interpreter that has mace-torch), a MACE small model is timed on the
 same structures: calls alternate between the two processes, and the ratio is printed.
 Weights are random: speed does not depend on their values.
+
+    python benchmarks/speed.py --posteriors [--sizes 27 192 1728] [--dtypes float32]
+
+times every posterior (MVE, a 10-member ensemble, SWAG with 30 samples, IVON and Laplace with
+16, the last-layer Laplace at full and reduced force rank) in one process, with the ratio to a
+single model, and the plain loop over members/samples for the ensemble and SWAG
+(benchmarks/_posterior_speed.py).
 """
 
 from __future__ import annotations
@@ -75,9 +82,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="calls per structure (1728 atoms: 1/4)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[9, 27, 192, 1728])
     parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
+    parser.add_argument("--posteriors", action="store_true", help="time every posterior instead")
     args = parser.parse_args()
 
     systems = structures(args.data)
+    if args.posteriors:
+        import _posterior_speed
+
+        for dtype in args.dtypes:
+            _posterior_speed.run(systems, args.sizes, args.preset, dtype, args.repeats)
+        return
     header = f"{'atoms':>5} {'dtype':>7} {'RACE ms':>9} {'NL ms':>7} {'NL %':>5} {'peak MiB':>9}"
     if args.mace_python:
         header += f" {'MACE ms':>9} {'MACE MiB':>9} {'RACE/MACE':>9}"

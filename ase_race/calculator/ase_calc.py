@@ -14,6 +14,7 @@ from ..graph import MIN_DISTANCE, NeighbourCache, from_atoms
 from ..modelfile import Calibration, ModelBundle, load_model
 from ..nn import TORCH_DTYPES
 from ..posteriors import Posterior, Prediction
+from ..posteriors.bald import bald_energy, bald_forces
 
 _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -48,6 +49,9 @@ class RACECalculator(Calculator):
     max_forces_std           float       max_i √(trace forces_cov_i) (eV/Å)
     energy_ensemble          (M,)        member/sample energies (sampling posteriors only)
     forces_ensemble          (M, n, 3)   member/sample forces (sampling posteriors only)
+    bald_energy              float       BALD of the energy (nats; 0 for MVE)
+    bald_forces              float       BALD of the forces, summed over atoms (nats)
+    bald                     float       bald_energy + bald_forces (BALD-EF)
     ======================== =========== =======================================================
 
     Calibration factors stored in the model file multiply both parts of every variance.
@@ -71,6 +75,7 @@ class RACECalculator(Calculator):
         K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC,
         K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_EPISTEMIC,
         K.FORCES_COV, K.STRESS_VAR, K.MAX_FORCES_STD, K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE,
+        K.BALD_ENERGY, K.BALD_FORCES, K.BALD,
     )  # fmt: skip
 
     def __init__(
@@ -177,6 +182,9 @@ class RACECalculator(Calculator):
         if periodic:
             results["stress"] = _voigt(as_np(p.stress[0]))
             results[K.STRESS_VAR] = _voigt(as_np(p.stress_var_epistemic[0])) * cal.stress_var_scale
+        results[K.BALD_ENERGY] = float(bald_energy(p)[0])
+        results[K.BALD_FORCES] = float(bald_forces(p)[0])
+        results[K.BALD] = results[K.BALD_ENERGY] + results[K.BALD_FORCES]
         if p.energy_ensemble is not None:
             results[K.ENERGY_ENSEMBLE] = as_np(p.energy_ensemble[:, 0])
         if p.forces_ensemble is not None:

@@ -10,12 +10,24 @@ from __future__ import annotations
 import logging
 import sys
 
+from ..config import LAPLACE_SUBSETS, METHODS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config (see docs/training.md)")
     p.add_argument("config", nargs="?", help="YAML training config (optional if overrides give train_file)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_epochs=50 model.num_layers=3")
+    p.add_argument("--method", choices=METHODS, help="posterior: mve (default), ensemble, swag, ivon, laplace")
+    p.add_argument("--members", type=int, help="deep-ensemble size M (default 10)")
+    p.add_argument("--test-samples", type=int, help="weight samples at prediction time (SWAG 30, IVON/Laplace 16)")
+    p.add_argument("--laplace-subset", choices=LAPLACE_SUBSETS, help="Laplace over all weights or the last layer")
+    p.add_argument("--base-model", help="model file to fit a Laplace posterior around (skips training)")
     p.set_defaults(run=run)
+
+
+#: flag → TrainConfig key; every method option is also a key=value override (docs/training.md).
+FLAGS = {"method": "method", "members": "members", "test_samples": "test_samples",
+         "laplace_subset": "laplace_subset", "base_model": "base_model"}
 
 
 def run(args) -> int:
@@ -29,7 +41,8 @@ def run(args) -> int:
         overrides.insert(0, path)
         path = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    config = TrainConfig.from_yaml(path, overrides)
+    flags = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name) is not None]
+    config = TrainConfig.from_yaml(path, overrides + flags)
     out = train(config)
     print(f"model written to {out}")
     return 0

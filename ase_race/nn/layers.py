@@ -177,7 +177,23 @@ class Readout(nn.Module):
             self.act = e3nn_nn.Activation(irreps_mid, [torch.nn.functional.silu])
         self.first = o3.Linear(irreps_in, irreps_mid)
         self.second = o3.Linear(self.act.irreps_out, self.irreps_out)
+        self.n_hidden = hidden
+        # The first instruction of ``second`` maps the hidden scalars onto the output scalars
+        # with a (hidden, n_scalars) weight block and e3nn's 1/√fan_in path normalisation.
+        first = self.second.instructions[0]
+        if (first.i_in, first.i_out) != (0, 0) or first.path_shape != (hidden, n_scalars):
+            raise AssertionError("unexpected e3nn Linear layout in the readout")
+        self.energy_weight_norm = first.path_weight
+
+    def hidden(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, irreps_in.dim) → the activated hidden layer (n, act.irreps_out.dim)."""
+        return self.act(self.first(features))
+
+    def energy_weights(self) -> torch.Tensor:
+        """The weights (hidden,) from the hidden scalars onto output scalar 0 (e_i), a view."""
+        n_scalars = self.irreps_out[0].mul
+        return self.second.weight[: self.n_hidden * n_scalars].view(self.n_hidden, n_scalars)[:, 0]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(n, irreps_in.dim) → (n, irreps_out.dim)."""
-        return self.second(self.act(self.first(features)))
+        return self.second(self.hidden(features))

@@ -83,7 +83,8 @@ class RACE(nn.Module):
         positions: torch.Tensor,
         cell: torch.Tensor,
         edge_chunk: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        last_layer_features: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
         """Per-atom head outputs summed over layers, before scaling.
 
         Args:
@@ -94,6 +95,8 @@ class RACE(nn.Module):
         Returns:
             scalars (n_atoms, n_scalars): e_i, ℓ_i, then the force-covariance scalars;
             vectors (n_atoms, K, 3): the u_ik of the equivariant covariance (K = 0 otherwise).
+            features (n_atoms, T·readout_hidden), only with ``last_layer_features``: see
+            :meth:`outputs`.
         """
         onehot = torch.nn.functional.one_hot(graph[K.SPECIES], len(self.config.species)).to(
             positions.dtype
@@ -108,12 +111,25 @@ class RACE(nn.Module):
         features = self.embedding(onehot)
         restrat = self.restrat(features)
         out = positions.new_zeros(positions.shape[0], self.readouts[0].irreps_out.dim)
+        last = []
         for layer, readout in zip(self.layers, self.readouts):
             features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX], edge_chunk)
-            out = out + readout(features)
+            hidden = readout.hidden(features)
+            out = out + readout.second(hidden)
+            if last_layer_features:
+                last.append(hidden[:, : readout.n_hidden] * readout.energy_weight_norm)
         scalars = out[:, : self.n_scalars]
         vectors_out = out[:, self.n_scalars :].reshape(out.shape[0], self.n_vectors, 3)
+        if last_layer_features:
+            return scalars, vectors_out, torch.cat(last, dim=1)
         return scalars, vectors_out
+
+    def last_layer_weights(self) -> torch.Tensor:
+        """w (T·readout_hidden,): the readouts' weights from hidden scalars onto e_i.
+
+        A view into the parameters, in the order of the ``features`` of :meth:`outputs`.
+        """
+        return torch.cat([readout.energy_weights() for readout in self.readouts])
 
     def forward(
         self,
@@ -146,23 +162,42 @@ class RACE(nn.Module):
                 return self._forward(graph, compute_forces, compute_stress, create_graph, edge_chunk)
         return self._forward(graph, compute_forces, compute_stress, create_graph, edge_chunk)
 
-    def _forward(self, graph, compute_forces, compute_stress, create_graph, edge_chunk):
+    def outputs(
+        self,
+        graph: AtomicGraph,
+        positions: torch.Tensor,
+        strain: torch.Tensor | None = None,
+        edge_chunk: int | None = None,
+        last_layer_features: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Every output that is not a derivative, at the given positions and strain.
+
+        Free of autograd calls, so that ``torch.func.vmap`` can batch it over stacked weight
+        sets and position copies (see :mod:`ase_race.posteriors.stacked`).
+
+        Args:
+            graph: atomic graph; its positions are replaced by ``positions``.
+            positions: (n, 3) Å.
+            strain: (B, 3, 3) or None; the symmetric part deforms positions and cells.
+            edge_chunk: see :meth:`forward`.
+            last_layer_features: also return ``features`` (n, T·readout_hidden): every readout's
+                hidden scalars φ, scaled so that e_i = Σ_p w_p φ_ip + (terms without w), where
+                w are the readouts' last-layer weights onto the energy channel.
+        Returns:
+            dict with ``node_energy``, ``energy``, ``node_log_var``, ``energy_var``,
+            ``forces_cov`` (see :meth:`forward`).
+        """
         cfg = self.config
         batch = graph[K.BATCH]
-        n_graphs = graph[K.CELL].shape[0]
-        positions, cell = graph[K.POSITIONS], graph[K.CELL]
-        inputs = []
-        if compute_forces:
-            positions = positions.detach().requires_grad_(True)
-            inputs.append(positions)
-        if compute_stress:
-            strain = positions.new_zeros(n_graphs, 3, 3).requires_grad_(True)
-            sym = 0.5 * (strain + strain.transpose(1, 2))
+        cell = graph[K.CELL]
+        n_graphs = cell.shape[0]
+        if strain is not None:
+            sym = 0.5 * (strain + strain.transpose(-1, -2))
             positions = positions + torch.einsum("ni,nij->nj", positions, sym[batch])
             cell = cell + torch.einsum("bij,bjk->bik", cell, sym)
-            inputs.append(strain)
-
-        scalars, vectors = self.node_outputs(graph, positions, cell, edge_chunk)
+        scalars, vectors, features = self.node_outputs(
+            graph, positions, cell, edge_chunk, last_layer_features=True
+        ) if last_layer_features else (*self.node_outputs(graph, positions, cell, edge_chunk), None)
         # E0s are large (≈ −1000 eV per heavy atom): add them in float64 so that a float32 model
         # does not round total energies to ~10 meV.
         e0s = torch.tensor(cfg.e0s, dtype=torch.float64, device=scalars.device)
@@ -180,9 +215,24 @@ class RACE(nn.Module):
             K.ENERGY_VAR: heads.energy_variance(node_log_var, batch, n_graphs, cfg.energy_var),
             K.FORCES_COV: forces_cov,
         }
+        if last_layer_features:
+            out[K.FEATURES] = features
+        return out
+
+    def _forward(self, graph, compute_forces, compute_stress, create_graph, edge_chunk):
+        positions = graph[K.POSITIONS]
+        inputs = []
+        strain = None
+        if compute_forces:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        if compute_stress:
+            strain = positions.new_zeros(graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
+            inputs.append(strain)
+        out = self.outputs(graph, positions, strain, edge_chunk)
         if inputs:
             grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, retain_graph=create_graph
+                out[K.ENERGY].sum(), inputs, create_graph=create_graph, retain_graph=create_graph
             )
             if compute_forces:
                 out[K.FORCES] = -grads[0]

@@ -1,7 +1,24 @@
 """Posteriors over RACE weights behind one interface (SPEC §4)."""
 
 from .base import Posterior, Prediction, posterior_class
-from .mixture import mix_scalar, mix_vector
+from .ensemble import EnsemblePosterior
+from .last_layer import LastLayerLaplacePosterior
+from .mixture import mix_scalar, mix_vector, mixture_prediction
 from .mve import MVEPosterior
+from .sampled import DiagLaplacePosterior, IVONPosterior, SampledPosterior, SWAGPosterior
 
-__all__ = ["MVEPosterior", "Posterior", "Prediction", "mix_scalar", "mix_vector", "posterior_class"]
+__all__ = [
+    "DiagLaplacePosterior",
+    "EnsemblePosterior",
+    "IVONPosterior",
+    "LastLayerLaplacePosterior",
+    "SWAGPosterior",
+    "SampledPosterior",
+    "MVEPosterior",
+    "Posterior",
+    "Prediction",
+    "mix_scalar",
+    "mix_vector",
+    "mixture_prediction",
+    "posterior_class",
+]

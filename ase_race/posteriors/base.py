@@ -37,6 +37,8 @@ class Prediction:
     stress_var_epistemic: torch.Tensor | None = None  # (B, 3, 3) (eV/Å³)², per component
     energy_ensemble: torch.Tensor | None = None  # (M, B) eV, sampling posteriors only
     forces_ensemble: torch.Tensor | None = None  # (M, n, 3) eV/Å, sampling posteriors only
+    energy_var_ensemble: torch.Tensor | None = None  # (M, B) eV², members' own variances
+    forces_cov_ensemble: torch.Tensor | None = None  # (M, n, 3, 3) (eV/Å)², members' own
 
     @property
     def energy_var(self) -> torch.Tensor:
@@ -90,6 +92,11 @@ class Posterior(ABC):
         """Move to ``device`` and/or cast to ``dtype`` (returns self)."""
 
     @property
+    def n_samples_or_members(self) -> int:
+        """M for ensembles, S for sampled posteriors, 1 otherwise."""
+        return getattr(self, "n_members", getattr(self, "n_samples", 1))
+
+    @property
     def dtype(self) -> torch.dtype:
         from ..nn import TORCH_DTYPES
 
@@ -98,7 +105,7 @@ class Posterior(ABC):
 
 def posterior_class(kind: str) -> type[Posterior]:
     """The registered posterior class for ``kind``."""
-    from . import mve  # noqa: F401  (registers the built-in kinds)
+    from . import ensemble, last_layer, mve, sampled  # noqa: F401 (registers the built-in kinds)
 
     try:
         return Posterior._registry[kind]

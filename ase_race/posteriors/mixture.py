@@ -40,3 +40,41 @@ def mix_vector(means: torch.Tensor, covariances: torch.Tensor):
     dev = means - mean
     epistemic = torch.einsum("m...i,m...j->...ij", dev, dev) / means.shape[0]
     return mean, covariances.mean(dim=0), epistemic
+
+
+def mixture_prediction(outputs: dict[str, torch.Tensor], compute_stress: bool = False):
+    """A :class:`~ase_race.posteriors.base.Prediction` from M members' outputs.
+
+    Args:
+        outputs: what :class:`~ase_race.posteriors.stacked.StackedModel` returns: ``energy``
+            (M, B), ``energy_var`` (M, B), ``node_energy`` (M, n), ``forces`` (M, n, 3),
+            ``forces_cov`` (M, n, 3, 3) and optionally ``stress`` (M, B, 3, 3).
+    Returns:
+        the mixture's mean, aleatoric and epistemic parts, plus the members' energies and
+        forces (``energy_ensemble``, ``forces_ensemble``). The stress variance is the members'
+        spread per component (there is no aleatoric stress head).
+    """
+    from .base import Prediction
+
+    energy, e_ale, e_epi = mix_scalar(outputs["energy"], outputs["energy_var"])
+    forces, f_ale, f_epi = mix_vector(outputs["forces"], outputs["forces_cov"])
+    stress = stress_var = None
+    if compute_stress:
+        members = outputs["stress"]
+        stress = members.mean(dim=0)
+        stress_var = ((members - stress) ** 2).mean(dim=0)
+    return Prediction(
+        energy=energy,
+        node_energy=outputs["node_energy"].mean(dim=0),
+        energy_var_aleatoric=e_ale,
+        energy_var_epistemic=e_epi,
+        forces_cov_aleatoric=f_ale,
+        forces_cov_epistemic=f_epi,
+        forces=forces,
+        stress=stress,
+        stress_var_epistemic=stress_var,
+        energy_ensemble=outputs["energy"],
+        forces_ensemble=outputs["forces"],
+        energy_var_ensemble=outputs["energy_var"],
+        forces_cov_ensemble=outputs["forces_cov"],
+    )

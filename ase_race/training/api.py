@@ -14,9 +14,7 @@ from ..data.readers import fingerprint
 from ..errors import ConfigError, DataError
 from ..modelfile import atomic_write_text, save_model
 from ..nn import TORCH_DTYPES
-from ..posteriors import MVEPosterior
 from .batches import GraphDataset
-from .loop import Trainer
 from .metrics import evaluate_dataset
 
 log = logging.getLogger("ase_race.training")
@@ -74,39 +72,37 @@ def prepare(config: TrainConfig):
 
 
 def train(config: TrainConfig, on_step=None) -> Path:
-    """Train, select the best validation weights, evaluate on ``test_file``, export the model.
+    """Train the posterior ``config.method``, evaluate it on ``test_file``, export the model.
 
     Returns the path of the written model file (``output_dir/model_name.pt``).
     """
+    from .methods import FITTERS
+
     model_config, train_frames, valid_frames = prepare(config)
     dtype = TORCH_DTYPES[model_config.dtype]
     train_set = GraphDataset(train_frames, model_config.species, model_config.r_max, dtype)
     valid_set = GraphDataset(valid_frames, model_config.species, model_config.r_max, dtype)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, model_config, train_set, valid_set, on_step=on_step)
-    log.info("training on %d structures, validating on %d; %s", len(train_set), len(valid_set), model_config)
-    state = trainer.run()
-    if trainer.rank != 0:
+    log.info("%s: training on %d structures, validating on %d; %s", config.method, len(train_set), len(valid_set), model_config)
+    result = FITTERS[config.method](config, model_config, train_set, valid_set, on_step)
+    if result is None:  # a rank other than 0 in data-parallel training
         return Path(config.output_dir) / f"{config.model_name}.pt"
-    best = trainer.best_model()
-    metrics = {"valid": evaluate_dataset(best, valid_set)}
+    posterior = result.posterior
+    metrics = {"valid": evaluate_dataset(posterior, valid_set)}
     if config.test_file:
         test_frames = read_frames(config.test_file, keys=_keys(config))
-        metrics["test"] = evaluate_dataset(best, GraphDataset(test_frames, model_config.species, model_config.r_max, dtype))
+        metrics["test"] = evaluate_dataset(posterior, GraphDataset(test_frames, model_config.species, model_config.r_max, dtype))
     metadata = {
         "training": {
             "config": config.to_dict(),
             "n_train": len(train_set),
             "n_valid": len(valid_set),
             "train_fingerprint": fingerprint(train_frames),
-            "best_epoch": state.best_epoch,
-            "epochs": state.epoch,
-            "wall_time_s": state.elapsed_s,
-            "structures_per_s": state.structures_seen / max(state.elapsed_s, 1e-9),
+            **result.summary,
         },
         "metrics": metrics,
     }
-    path = save_model(Path(config.output_dir) / f"{config.model_name}.pt", MVEPosterior(best), metadata=metadata)
+    path = save_model(Path(config.output_dir) / f"{config.model_name}.pt", posterior, metadata=metadata)
     atomic_write_text(Path(config.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     log.info("wrote %s; %s", path, json.dumps(metrics))
     return path

@@ -37,6 +37,18 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUMABLE_CHANGES = ("max_epochs", "max_time_s", "checkpoint_every", "test_file", "device")
 
 
+#: Keys that only affect one method (a member of an ensemble ignores the IVON settings).
+METHOD_PREFIXES = {"swag": ("swag_",), "ivon": ("ivon_",), "laplace": ("laplace_", "base_model")}
+
+
+def _relevant(config: dict) -> dict:
+    """The training-config entries that must match for a checkpoint to be resumed."""
+    method = config.get("method", "mve")
+    ignored = tuple(p for m, prefixes in METHOD_PREFIXES.items() if m != method for p in prefixes)
+    ignored += ("members", "test_samples")  # used outside the training loop
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and not k.startswith(ignored)}
+
+
 @dataclass
 class TrainState:
     """Everything that changes while training (and is saved in a checkpoint)."""
@@ -90,9 +102,29 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = build_model(model_config, config.seed).to(self.device)
         self.eval_model = build_model(model_config).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
-        )
+        self.ivon_step = 0
+        self.skipped_samples = 0
+        self.ivon_rng = torch.Generator().manual_seed(config.seed + 7919).get_state()
+        if config.method == "ivon":
+            import ivon
+
+            # The default effective sample size counts labels, not structures: every structure
+            # gives one energy and 3n force components.
+            ess = config.ivon_ess or sum(1 + 3 * len(f.atoms) for f in train.frames)
+            self.optimizer = ivon.IVON(
+                self.model.parameters(), lr=config.ivon_lr, ess=ess, hess_init=config.ivon_hess_init,
+                beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.ivon_train_samples,
+                clip_radius=config.ivon_clip_radius,
+            )
+        else:
+            self.optimizer = torch.optim.Adam(
+                self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
+            )
+        self.swag = None
+        if config.method == "swag":
+            from .swag import SWAGCollector
+
+            self.swag = SWAGCollector(sum(p.numel() for p in self.model.parameters()), config.swag_rank)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
         )
@@ -126,6 +158,9 @@ class Trainer:
             "elapsed_s": s.elapsed_s,
             "structures_seen": s.structures_seen,
             "running_loss": s.running_loss,
+            "ivon_step": self.ivon_step,
+            "ivon_rng": self.ivon_rng,
+            "swag": self.swag.state_dict() if self.swag is not None else None,
         }
 
     def save_checkpoint(self) -> None:
@@ -136,9 +171,10 @@ class Trainer:
     def load_checkpoint(self) -> None:
         # On the CPU first: the generator state must stay a CPU tensor.
         data = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        old = {k: v for k, v in data["train_config"].items() if k not in RESUMABLE_CHANGES}
-        new = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_CHANGES}
-        changed = sorted(k for k in new if old.get(k) != new[k])
+        old, new = _relevant(data["train_config"]), _relevant(self.config.to_dict())
+        defaults = TrainConfig().to_dict()
+        # A key the checkpoint lacks was added by a later version: its default applies.
+        changed = sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
         if changed or data["model_config"] != self.model_config.to_dict():
             raise ConfigError(
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
@@ -155,6 +191,11 @@ class Trainer:
         s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
         s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
         s.running_loss = data["running_loss"]
+        self.ivon_step, self.ivon_rng = data.get("ivon_step", 0), data.get("ivon_rng", self.ivon_rng)
+        if self.method_is("ivon"):
+            self.optimizer.current_step = self.ivon_step
+        if self.swag is not None:
+            self.swag.load_state_dict(data["swag"])
         log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
 
     # ------------------------------------------------------------------ training
@@ -170,18 +211,56 @@ class Trainer:
         totals = torch.stack([ref["weight"].sum(), ref["atom_weight"].sum()]).double()
         totals = dist_utils.all_reduce_sum(totals)
         ref["weight_total"], ref["atom_weight_total"] = totals[0].to(ref["weight"].dtype), totals[1].to(ref["weight"].dtype)
-        out = self.net(batch.graph, compute_forces=True, create_graph=True)
-        loss, parts = compute_loss(
-            self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=self.in_warmup(self.state.epoch)
-        )
+        warmup = self.in_warmup(self.state.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * self.world).backward()  # DDP averages gradients over ranks; undo that
-        if self.config.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-        self.optimizer.step()
+        if self.method_is("ivon"):
+            loss, parts = self._ivon_step(batch, ref, warmup)
+        else:
+            out = self.net(batch.graph, compute_forces=True, create_graph=True)
+            loss, parts = compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
+            (loss * self.world).backward()  # DDP averages gradients over ranks; undo that
+            if self.config.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+            self.optimizer.step()
         self._update_ema()
         # Each rank's loss is its share of the global-batch loss: their sum is the loss.
         return {"loss": float(dist_utils.all_reduce_sum(loss.detach())), **parts}
+
+    def method_is(self, name: str) -> bool:
+        return self.config.method == name
+
+    def _ivon_step(self, batch, ref, warmup):
+        """IVON: gradients at ``ivon_train_samples`` weight samples, then one update.
+
+        IVON draws its weight noise from torch's global generator; it runs inside a forked RNG
+        whose state lives in the checkpoint, so the caller's random stream is untouched and a
+        resumed run draws the same noise.
+        """
+        losses = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.ivon_rng)
+            if devices:  # IVON samples on the parameters' device: seed it from our stream
+                torch.cuda.manual_seed(int(torch.randint(2**62, (1,))))
+            for _ in range(self.config.ivon_train_samples):
+                with self.optimizer.sampled_params(train=True):
+                    out = self.net(batch.graph, compute_forces=True, create_graph=True)
+                    loss, parts = compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
+                    if torch.isfinite(loss):
+                        (loss * self.world).backward()
+                        if self.config.clip_grad:
+                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+                    else:
+                        # A weight sample far in the tail can make the NLL overflow; it then
+                        # contributes no gradient instead of turning IVON's state into NaN.
+                        self.skipped_samples += 1
+                        for p in self.model.parameters():
+                            p.grad = torch.zeros_like(p)
+                losses.append(loss.detach())
+            self.ivon_rng = torch.get_rng_state()
+        self.optimizer.step()
+        self.ivon_step = self.optimizer.current_step
+        return torch.stack(losses).mean(), parts
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -211,6 +290,8 @@ class Trainer:
         steps_left = max_steps
         start = time.perf_counter() - s.elapsed_s
         while s.epoch < cfg.max_epochs:
+            if cfg.max_time_s and s.step_in_epoch == 0 and s.elapsed_s > cfg.max_time_s:
+                break  # a finished time-limited run that is resumed (e.g. an ensemble member)
             if s.step_in_epoch == 0:
                 s.permutation = torch.randperm(n, generator=self.generator)
             bar = self._progress(n_batches, s.step_in_epoch)
@@ -242,7 +323,14 @@ class Trainer:
     def _end_epoch(self, train_loss: float, elapsed: float) -> None:
         s = self.state
         metrics = self.validate()
-        if s.epoch >= self.config.warmup_epochs:
+        swag_on = self.swag is not None and s.epoch >= self.config.swag_start_epoch
+        if swag_on:
+            if self.config.swag_lr:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.config.swag_lr
+            if (s.epoch - self.config.swag_start_epoch) % self.config.swag_interval == 0:
+                self.swag.collect(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
+        elif s.epoch >= self.config.warmup_epochs:
             # During the mean-only warm-up the variance heads are untrained, so the validation
             # NLL says nothing about progress; it must not decay the learning rate.
             self.scheduler.step(metrics["valid_loss"])
@@ -277,6 +365,12 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=done, desc=f"epoch {self.state.epoch}", leave=False)
+
+    def current_model(self) -> RACE:
+        """The network with the raw (not averaged) current weights."""
+        model = build_model(self.model_config)
+        model.load_state_dict(self.model.state_dict())
+        return model.eval()
 
     def best_model(self) -> RACE:
         """The network with the best validation weights (EMA), or the current EMA weights."""

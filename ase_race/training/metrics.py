@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import _keys as K
+from ..posteriors import Posterior
 from .batches import GraphDataset
 
 
@@ -14,6 +15,9 @@ def evaluate_dataset(
     model, dataset: GraphDataset, batch_size: int = 16, device="cpu", loss_fn=None
 ) -> dict[str, float]:
     """Energy and force errors and Gaussian NLLs of ``model`` on ``dataset``.
+
+    ``model`` is a RACE network (its own heads' variances) or a Posterior (its total
+    predictive variance, aleatoric + epistemic).
 
     Returns (units in the names): ``energy_mae_meV``, ``energy_rmse_meV``,
     ``forces_mae_meV_A``, ``forces_rmse_meV_A`` (per component), ``energy_nll`` (per structure,
@@ -25,22 +29,30 @@ def evaluate_dataset(
     """
     loss_total = 0.0
     e_abs, e_sq, f_abs, f_sq, e_nll, f_nll, e_var, f_var = [], [], [], [], [], [], [], []
-    was_training = model.training
-    model.eval()
+    is_posterior = isinstance(model, Posterior)
+    was_training = False if is_posterior else model.training
+    if not is_posterior:
+        model.eval()
     for batch in dataset.batches(batch_size, device):
-        out = model(batch.graph, compute_forces=True)
-        if loss_fn is not None:
-            loss_total += float(loss_fn(out, batch).detach()) * batch.n_structures
-        r = (batch.ref["energy"] - out[K.ENERGY].detach()).double()
-        var = out[K.ENERGY_VAR].detach().double()
-        df = (batch.ref["forces"] - out[K.FORCES].detach()).double()
-        cov = out[K.FORCES_COV].detach().double()
+        if is_posterior:
+            p = model.predict(batch.graph)
+            energy, var, forces, cov = p.energy, p.energy_var, p.forces, p.forces_cov
+        else:
+            out = model(batch.graph, compute_forces=True)
+            if loss_fn is not None:
+                loss_total += float(loss_fn(out, batch).detach()) * batch.n_structures
+            energy, var, forces, cov = out[K.ENERGY], out[K.ENERGY_VAR], out[K.FORCES], out[K.FORCES_COV]
+        r = (batch.ref["energy"] - energy.detach()).double()
+        var = var.detach().double()
+        df = (batch.ref["forces"] - forces.detach()).double()
+        cov = cov.detach().double()
         e_abs.append(r.abs()), e_sq.append(r**2), f_abs.append(df.abs().ravel()), f_sq.append((df**2).ravel())
         e_nll.append(0.5 * (r**2 / var + torch.log(2 * math.pi * var)))
         e_var.append(var), f_var.append(torch.diagonal(cov, dim1=1, dim2=2).ravel())
         maha = (df.unsqueeze(1) @ torch.linalg.solve(cov, df.unsqueeze(-1))).squeeze()
         f_nll.append(0.5 * (maha + torch.logdet(2 * math.pi * cov)))
-    model.train(was_training)
+    if not is_posterior:
+        model.train(was_training)
     cat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731
     extra = {"valid_loss": loss_total / len(dataset)} if loss_fn is not None else {}
     return {

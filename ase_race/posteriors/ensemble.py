@@ -1,0 +1,96 @@
+"""Deep ensembles: M networks trained from different seeds, mixed as equally weighted members."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..graph import AtomicGraph
+from ..nn import RACE, TORCH_DTYPES, build_model
+from .base import Posterior, Prediction
+from .mixture import mixture_prediction
+from .stacked import StackedModel, stack_parameters
+
+
+def _check_compatible(models: list[RACE]) -> None:
+    first = models[0]
+    for m in models[1:]:
+        if m.config != first.config:
+            raise ValueError("ensemble members must share one ModelConfig")
+        for (name, a), (_, b) in zip(first.named_buffers(), m.named_buffers()):
+            if not torch.equal(a, b):
+                raise ValueError(f"ensemble members differ in buffer {name!r}")
+
+
+class EnsemblePosterior(Posterior):
+    """M RACE networks (MSE- or NLL-trained) evaluated in one batched pass.
+
+    The predictive is the mixture of SPEC §4: mean of the members' means, aleatoric = mean of
+    their variances (zero-free only for NLL members), epistemic = their spread. MSE members
+    carry untrained variance heads; for them only the epistemic part is meaningful, and
+    ``aleatoric=False`` (stored in the file) drops their head variances.
+    """
+
+    kind = "ensemble"
+    provides_ensemble = True
+
+    def __init__(self, members: list[RACE], aleatoric: bool = True):
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        _check_compatible(members)
+        self.members = list(members)
+        self.aleatoric = aleatoric
+        self._stacked = StackedModel(members[0], stack_parameters(members))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.members[0].config
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
+        out = self._stacked(graph, compute_stress=compute_stress)
+        if not self.aleatoric:
+            out["energy_var"] = torch.zeros_like(out["energy_var"])
+            out["forces_cov"] = torch.zeros_like(out["forces_cov"])
+        return mixture_prediction(out, compute_stress)
+
+    def predict_loop(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
+        """The same predictive from a plain Python loop over members (reference and benchmark)."""
+        outs = [m(graph, compute_forces=True, compute_stress=compute_stress) for m in self.members]
+        keys = ["energy", "energy_var", "node_energy", "forces", "forces_cov"] + (["stress"] if compute_stress else [])
+        stacked = {k: torch.stack([o[k].detach() for o in outs]) for k in keys}
+        if not self.aleatoric:
+            stacked["energy_var"] = torch.zeros_like(stacked["energy_var"])
+            stacked["forces_cov"] = torch.zeros_like(stacked["forces_cov"])
+        return mixture_prediction(stacked, compute_stress)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": [dict(m.state_dict()) for m in self.members], "aleatoric": self.aleatoric}
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "EnsemblePosterior":
+        members = []
+        for weights in state["members"]:
+            model = build_model(config)
+            model.load_state_dict(weights)
+            members.append(model.eval())
+        return cls(members, aleatoric=bool(state.get("aleatoric", True)))
+
+    def to(self, device=None, dtype=None) -> "EnsemblePosterior":
+        if dtype is not None and dtype != self.dtype:
+            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+            rebuilt = []
+            for m in self.members:
+                new = build_model(m.config.replace(dtype=name))
+                new.load_state_dict(m.state_dict())
+                rebuilt.append(new)
+            self.members = rebuilt
+        for m in self.members:
+            m.to(device=device).eval()
+        self._stacked = StackedModel(self.members[0], stack_parameters(self.members))
+        return self

@@ -1,0 +1,156 @@
+"""Closed-form last-layer Laplace: a Gaussian over the readouts' energy weights.
+
+The site energy is linear in the last-layer weights w ∈ R^P (P = T·readout_hidden, every
+readout's hidden scalars φ_ip onto the energy channel), with everything else fixed at the MAP:
+
+    E(w) = scale · Σ_i φ_i · w + const        J_E = ∂E/∂w = scale · Σ_i φ_i          (P,)
+    F(w) = −∂E/∂r                            J_F = −∂J_E/∂r                        (n, 3, P)
+
+so with the posterior w ~ N(w*, Σ) the predictive is exactly Gaussian (the GLM predictive is
+not an approximation here):
+
+    var_epi E = J_E Σ J_Eᵀ        cov_epi F_i = J_F,i Σ J_F,iᵀ (3×3)
+
+J_F comes from one batched backward pass over P + 1 outputs (the energy, for the forces, and
+the P feature sums), so a prediction costs about one forward plus one (wider) backward.
+The aleatoric part is the network's own heads, as for MVE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _keys as K
+from ..config import ModelConfig
+from ..graph import AtomicGraph
+from ..nn import RACE, TORCH_DTYPES, build_model
+from .base import Posterior, Prediction
+
+
+def last_layer_jacobians(
+    model: RACE, graph: AtomicGraph, compute_stress: bool = False, edge_chunk=None, basis: torch.Tensor | None = None
+):
+    """Outputs of ``model`` plus the energy, force (and stress) Jacobians in the last layer.
+
+    Args:
+        basis: optional (P, k) directions U; the force and stress Jacobians are then returned
+            for the projected weights only (J_F U), which costs k instead of P rows in the
+            batched backward pass.
+    Returns:
+        (out, J_E (B, P), J_F (P or k, n, 3), J_S (P or k, B, 3, 3) or None), where ``out`` holds
+        the usual outputs including ``forces`` (and ``stress``), and J_F = ∂F/∂w, J_S = ∂σ/∂w.
+    """
+    with torch.enable_grad():
+        positions = graph[K.POSITIONS].detach().requires_grad_(True)
+        inputs = [positions]
+        strain = None
+        if compute_stress:
+            strain = positions.new_zeros(graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
+            inputs.append(strain)
+        out = model.outputs(graph, positions, strain, edge_chunk, last_layer_features=True)
+        features = out.pop(K.FEATURES)  # (n, P)
+        n_graphs = graph[K.CELL].shape[0]
+        jac_e = features.new_zeros(n_graphs, features.shape[1]).index_add(0, graph[K.BATCH], features)
+        jac_e = model.config.scale * jac_e  # (B, P)
+        # Row 0: Σ_b E_b (its gradient gives the forces); rows 1…P: Σ_b J_E,bp. Atoms of one graph
+        # only change that graph's terms, so each row's gradient is per graph.
+        projected = jac_e.sum(0) if basis is None else jac_e.sum(0) @ basis.to(jac_e.dtype)
+        rows = torch.cat([out[K.ENERGY].sum().to(jac_e.dtype)[None], projected])
+        eye = torch.eye(rows.shape[0], dtype=rows.dtype, device=rows.device)
+        grads = torch.autograd.grad(rows, inputs, grad_outputs=eye, is_grads_batched=True)
+    out = {k: v.detach() for k, v in out.items()}
+    out[K.FORCES] = -grads[0][0]
+    jac_f = -grads[0][1:]
+    jac_s = None
+    if compute_stress:
+        volume = torch.linalg.det(graph[K.CELL]).abs()[:, None, None]
+        out[K.STRESS] = grads[1][0] / volume
+        jac_s = grads[1][1:] / volume
+    return out, jac_e.detach(), jac_f, jac_s
+
+
+class LastLayerLaplacePosterior(Posterior):
+    """A RACE network with a Gaussian posterior N(w*, Σ) over its last-layer energy weights.
+
+    Args:
+        model: the MAP network (its last-layer weights are w*).
+        covariance: Σ, (P, P) in the model's parameter units.
+        hyper: the fitted hyperparameters (prior precision, noise), kept for the record.
+    """
+
+    kind = "last_layer_laplace"
+
+    def __init__(
+        self, model: RACE, covariance: torch.Tensor, hyper: dict[str, float] | None = None, force_rank: int = 0
+    ):
+        n = model.last_layer_weights().numel()
+        if covariance.shape != (n, n):
+            raise ValueError(f"covariance must be ({n}, {n}), got {tuple(covariance.shape)}")
+        self.model = model.eval()
+        self.covariance = covariance.to(model.dtype)
+        self.hyper = dict(hyper or {})
+        self.force_rank = int(force_rank)
+        self._set_basis()
+
+    def _set_basis(self) -> None:
+        """Σ = U Λ Uᵀ; force (and stress) variances use the ``force_rank`` leading directions.
+
+        The energy variance always uses the full Σ. With force_rank = k < P the force
+        covariance is Σ_{l≤k} λ_l (J_F u_l)(J_F u_l)ᵀ, a lower bound that keeps the largest
+        (least constrained) directions and costs k + 1 rows in the backward pass.
+        """
+        values, vectors = torch.linalg.eigh(self.covariance.double())
+        order = torch.argsort(values, descending=True)
+        k = self.force_rank or values.numel()
+        self._basis = (vectors[:, order[:k]] * values[order[:k]].clamp(min=0).sqrt()).to(self.covariance)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
+        # The basis columns are u_l √λ_l, so Σ_l (J u_l √λ_l)(…)ᵀ = J Σ Jᵀ on the kept directions.
+        out, jac_e, jac_f, jac_s = last_layer_jacobians(self.model, graph, compute_stress, edge_chunk, self._basis)
+        cov = self.covariance.to(jac_e.dtype)
+        energy_epi = torch.einsum("bp,pq,bq->b", jac_e, cov, jac_e).double()
+        forces_epi = torch.einsum("kni,knj->nij", jac_f, jac_f)
+        stress_var = torch.einsum("kbij,kbij->bij", jac_s, jac_s) if compute_stress else None
+        return Prediction(
+            energy=out[K.ENERGY],
+            node_energy=out[K.NODE_ENERGY],
+            energy_var_aleatoric=out[K.ENERGY_VAR].double(),
+            energy_var_epistemic=energy_epi,
+            forces_cov_aleatoric=out[K.FORCES_COV],
+            forces_cov_epistemic=forces_epi,
+            forces=out[K.FORCES],
+            stress=out.get(K.STRESS),
+            stress_var_epistemic=stress_var,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weights": dict(self.model.state_dict()),
+            "covariance": self.covariance,
+            "hyper": self.hyper,
+            "force_rank": self.force_rank,
+        }
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "LastLayerLaplacePosterior":
+        model = build_model(config)
+        model.load_state_dict(state["weights"])
+        hyper = {k: float(v) for k, v in state.get("hyper", {}).items()}
+        return cls(model, state["covariance"], hyper, force_rank=int(state.get("force_rank", 0)))
+
+    def to(self, device=None, dtype=None) -> "LastLayerLaplacePosterior":
+        if dtype is not None and dtype != self.dtype:
+            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+            model = build_model(self.model.config.replace(dtype=name))
+            model.load_state_dict(self.model.state_dict())
+            self.model = model
+        self.model.to(device=device).eval()
+        self.covariance = self.covariance.to(device=device, dtype=self.model.dtype)
+        self._set_basis()
+        return self

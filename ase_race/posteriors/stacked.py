@@ -1,0 +1,141 @@
+"""Evaluate M weight sets of one RACE architecture in one batched pass (SPEC §4).
+
+Members of an ensemble and samples of SWAG, IVON or Laplace share the architecture and differ
+only in their parameter values. Rather than M Python-level forward/backward passes, the
+parameters are stacked along a new leading dimension and the network is vmapped over them:
+
+    θ:  (M, …) per parameter         r_m: (M, n, 3), one copy of the positions per member
+    E_m = RACE_{θ_m}(r_m)            (M, B)
+    F_m = −∂(Σ_m Σ_b E_mb)/∂r_m      one backward pass for every member's forces
+
+Because E_m depends on r_m only, the gradient of the summed energies with respect to the
+stacked positions gives each member's own forces. Stress works the same way with one strain
+tensor per member.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .. import _keys as K
+from ..graph import AtomicGraph
+from ..nn import RACE
+
+
+class _Outputs(nn.Module):
+    """``RACE.outputs`` as a module's forward, so that ``functional_call`` can swap weights."""
+
+    def __init__(self, model: RACE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, graph, positions, strain):
+        return self.model.outputs(graph, positions, strain)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters of ``model`` as one vector (P,), in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split (…, P) vectors into a dict of (…, *shape) tensors named like ``model``'s parameters."""
+    out, start = {}, 0
+    lead = flat.shape[:-1]
+    for name, p in model.named_parameters():
+        out[name] = flat[..., start : start + p.numel()].reshape(*lead, *p.shape)
+        start += p.numel()
+    if start != flat.shape[-1]:
+        raise ValueError(f"expected {start} parameters, got {flat.shape[-1]}")
+    return out
+
+
+class StackedModel:
+    """M weight sets for one RACE architecture, evaluated together.
+
+    Args:
+        model: the architecture; its buffers (constants derived from the config) are shared by
+            every member, its parameters are replaced by ``params``.
+        params: name → (M, *shape) stacked parameters (see :func:`stack_parameters`).
+        max_edges_per_pass: members are evaluated in groups such that a group's edges times
+            members stay below this, bounding memory on large systems (each group is still
+            one vmapped pass with one backward pass).
+    """
+
+    def __init__(self, model: RACE, params: dict[str, torch.Tensor], max_edges_per_pass: int = 400_000):
+        self.model = model
+        self.params = params
+        self.max_edges_per_pass = max_edges_per_pass
+        self._module = _Outputs(copy.deepcopy(model)).eval()
+        for p in self._module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def n_members(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def to(self, device=None, dtype=None) -> "StackedModel":
+        self.params = {k: v.to(device=device, dtype=dtype) for k, v in self.params.items()}
+        self.model.to(device=device, dtype=dtype)
+        self._module.to(device=device, dtype=dtype)
+        return self
+
+    def __call__(self, graph: AtomicGraph, compute_stress: bool = False) -> dict[str, torch.Tensor]:
+        """Every member's outputs.
+
+        Returns:
+            dict with ``energy`` (M, B), ``node_energy`` (M, n), ``energy_var`` (M, B),
+            ``forces`` (M, n, 3), ``forces_cov`` (M, n, 3, 3) and, with ``compute_stress``,
+            ``stress`` (M, B, 3, 3).
+        """
+        n_edges = max(int(graph[K.EDGE_INDEX].shape[1]), 1)
+        group = max(1, min(self.n_members, self.max_edges_per_pass // n_edges))
+        parts = [
+            self._evaluate(graph, {k: v[start : start + group] for k, v in self.params.items()}, compute_stress)
+            for start in range(0, self.n_members, group)
+        ]
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _evaluate(self, graph, params, compute_stress):
+        m = next(iter(params.values())).shape[0]
+        buffers = {name: b for name, b in self._module.named_buffers()}
+        with torch.enable_grad():
+            positions = graph[K.POSITIONS].detach().expand(m, -1, -1).clone().requires_grad_(True)
+            inputs = [positions]
+            strain = None
+            if compute_stress:
+                strain = positions.new_zeros(m, graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
+                inputs.append(strain)
+
+            def one(p, pos, eps):
+                return functional_call(self._module, ({f"model.{k}": v for k, v in p.items()}, buffers), (graph, pos, eps))
+
+            out = vmap(one, in_dims=(0, 0, 0 if compute_stress else None))(params, positions, strain)
+            grads = torch.autograd.grad(out[K.ENERGY].sum(), inputs)
+        result = {
+            K.ENERGY: out[K.ENERGY].detach(),
+            K.NODE_ENERGY: out[K.NODE_ENERGY].detach(),
+            K.ENERGY_VAR: out[K.ENERGY_VAR].detach(),
+            K.FORCES_COV: out[K.FORCES_COV].detach(),
+            K.FORCES: -grads[0],
+        }
+        if compute_stress:
+            volume = torch.linalg.det(graph[K.CELL]).abs()
+            result[K.STRESS] = grads[1] / volume[:, None, None]
+        return result
+
+
+def stack_parameters(models: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """name → (M, *shape): the parameters of M identically built networks, stacked."""
+    names = [name for name, _ in models[0].named_parameters()]
+    return {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]) for name in names
+    }
