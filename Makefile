@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+LAPLACE := laplace-torch==0.3 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 asdfghjkl==0.1a4
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -15,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first, pinned: installing the package afterwards then keeps this build instead of
 	# pulling the newest torch with several GB of CUDA libraries.
 	$(BIN)/python -m pip install --quiet $(TORCH)
+	# laplace-torch and BackPACK declare torchvision, whose wheel breaks the CPU torch build and
+	# which neither needs: install them without dependencies; their real ones are in setup.cfg.
+	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
