@@ -100,6 +100,7 @@ def run(systems: dict, sizes, preset: str, dtype: str, repeats: int) -> None:
             for name, calc in calcs.items():
                 a = atoms.copy()
                 a.calc = calc
+                calc.reset()  # else ASE serves the cached results of the previous round
                 start = time.perf_counter()
                 a.get_potential_energy()
                 times[name].append(1000 * (time.perf_counter() - start))

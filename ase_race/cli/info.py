@@ -21,7 +21,7 @@ def run(args) -> int:
     summary = {
         "file": str(resolve_model_path(args.model)),
         "format": f"{data['format']} v{data['version']}",
-        "posterior": data["posterior"]["kind"],
+        "posterior": _describe(data["posterior"]),
         "species": [chemical_symbols[z] for z in data["config"]["species"]],
         "cutoff_A": data["config"]["r_max"],
         "dtype": data["config"]["dtype"],
@@ -39,3 +39,13 @@ def run(args) -> int:
     for key, value in summary["metadata"].items():
         print(f"{key:>12}: {value}")
     return 0
+
+
+def _describe(posterior: dict) -> str:
+    """The kind plus how many members or samples it evaluates."""
+    state = posterior["state"]
+    if "members" in state:
+        return f"{posterior['kind']} ({len(state['members'])} members)"
+    if "n_samples" in state:
+        return f"{posterior['kind']} ({state['n_samples']} samples)"
+    return posterior["kind"]

@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import demo, info, md, predict, train
+from . import demo, evaluate, info, md, predict, train
 
-SUBCOMMANDS = (demo, md, train, predict, info)
+SUBCOMMANDS = (demo, md, train, predict, evaluate, info)
 
 
 def build_parser() -> argparse.ArgumentParser:

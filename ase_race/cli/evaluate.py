@@ -1,0 +1,96 @@
+"""``ase-race evaluate MODEL DATA [--ood DATA2]``: accuracy and uncertainty quality.
+
+``ase-race calibrate MODEL VALID_DATA``: fit variance scales and store them in the model file.
+Thin shells over :mod:`ase_race.training.assess`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PART_NAMES = {"total": "total", "aleatoric": "aleat.", "epistemic": "epist."}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, NLL, calibration, ENCE, Spearman, OOD AUROC, figures")
+    p.add_argument("model", help="model file or shipped model name")
+    p.add_argument("data", help="labelled structures (any file ase.io reads)")
+    p.add_argument("--ood", help="a second labelled set, out of distribution: AUROC of σ")
+    p.add_argument("-o", "--output", default="race_evaluation", help="folder for metrics.json and PNGs")
+    p.add_argument("--energy-key", default="REF_energy")
+    p.add_argument("--forces-key", default="REF_forces")
+    p.add_argument("--uncalibrated", action="store_true", help="ignore the calibration stored in the file")
+    p.set_defaults(run=run_evaluate)
+
+    c = sub.add_parser("calibrate", help="fit energy and force variance scales on validation data")
+    c.add_argument("model", help="model file or shipped model name")
+    c.add_argument("data", help="labelled validation structures")
+    c.add_argument("-o", "--output", help="write the calibrated model here (default: overwrite MODEL)")
+    c.add_argument("--energy-key", default="REF_energy")
+    c.add_argument("--forces-key", default="REF_forces")
+    c.set_defaults(run=run_calibrate)
+
+
+def _frames(path, args):
+    from ..data import KeyMap, read_frames
+
+    keys = KeyMap(energy=args.energy_key, forces=args.forces_key)
+    return [f for f in read_frames(path, keys=keys) if not f.is_isolated_atom]
+
+
+def _table(metrics: dict) -> str:
+    lines = [f"{'':14} {'part':>7} {'MAE':>10} {'RMSE':>10} {'RMS σ':>10} {'NLL':>8} {'cal.err':>8} "
+             f"{'mis.area':>8} {'ENCE':>7} {'ρ':>6}"]
+    for name, unit, scale in (("energy", "meV", 1000.0), ("forces", "meV/Å", 1000.0)):
+        for part, m in metrics[name].items():
+            lines.append(
+                f"{name + ' (' + unit + ')':14} {PART_NAMES[part]:>7} {scale * m['mae']:10.2f} {scale * m['rmse']:10.2f} "
+                f"{scale * m['rms_std']:10.2f} {m['nll']:8.3f} {m['calibration_error']:8.4f} "
+                f"{m['miscalibration_area']:8.4f} {m['ence']:7.3f} {m['spearman']:6.3f}"
+            )
+    return "\n".join(lines)
+
+
+def run_evaluate(args) -> int:
+    from ..modelfile import Calibration, load_model
+    from ..training.assess import assess, figures, gather
+
+    bundle = load_model(args.model)
+    if args.uncalibrated:
+        bundle.calibration = Calibration()
+    data = gather(bundle, _frames(args.data, args))
+    ood = gather(bundle, _frames(args.ood, args)) if args.ood else None
+    metrics = assess(data, ood)
+    metrics["calibration"] = bundle.calibration.to_dict()
+    print(f"{args.model} on {args.data}: {metrics['n_structures']} structures, {metrics['n_atoms']} atoms; "
+          f"NLL per structure (energy) and per component (forces), nats")
+    print(_table(metrics))
+    if ood is not None:
+        print("OOD AUROC (" + args.ood + "): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["ood_auroc"].items()))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    paths = figures(data, out, label=Path(args.data).name)
+    print(f"wrote {out / 'metrics.json'} and " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from ..modelfile import load_model, resolve_model_path, save_model
+    from ..training.assess import assess, fit_calibration, gather
+
+    bundle = load_model(args.model)
+    data = gather(bundle, _frames(args.data, args))
+    before = assess(data)
+    bundle.calibration = fit_calibration(data, bundle.calibration)
+    after = assess(gather(bundle, _frames(args.data, args)))
+    target = Path(args.output) if args.output else resolve_model_path(args.model)
+    metadata = {**bundle.metadata, "calibration_data": str(args.data)}
+    save_model(target, bundle.posterior, calibration=bundle.calibration, metadata=metadata)
+    for name in ("energy", "forces"):
+        b, a = before[name]["total"], after[name]["total"]
+        print(f"{name}: NLL {b['nll']:.3f} → {a['nll']:.3f}, miscalibration area {b['miscalibration_area']:.4f} → "
+              f"{a['miscalibration_area']:.4f}, ENCE {b['ence']:.3f} → {a['ence']:.3f}")
+    print(f"calibration {bundle.calibration.to_dict()} written to {target}")
+    return 0
