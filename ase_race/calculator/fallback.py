@@ -1,0 +1,194 @@
+"""Fall back to a reference calculator where the model is unsure, and keep what it says.
+
+:class:`FallbackCalculator` evaluates the RACE model on every call. When the compared quantity
+(``max_forces_std`` in eV/Å by default, or ``energy_std`` in eV) is above the threshold, and
+the spacing and budget allow, it calls the reference calculator instead, returns the
+reference energy and forces for that step (with the model's uncertainties alongside), and
+appends the labelled structure to a dataset file through :class:`LabelledFrames`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.io import read, write
+
+from .. import _keys as K
+from ..errors import RaceError
+from .ase_calc import RACECalculator
+
+log = logging.getLogger("ase_race.fallback")
+
+POLICIES = ("model", "retry", "stop")
+
+
+def structure_key(atoms: Atoms) -> str:
+    """A fingerprint of numbers, positions (to 1e-6 Å), cell and pbc, for de-duplication."""
+    h = hashlib.sha256()
+    h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    h.update(np.round(np.asarray(atoms.positions, dtype=np.float64), 6).tobytes())
+    h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 6).tobytes())
+    h.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
+    return h.hexdigest()
+
+
+class LabelledFrames:
+    """An extxyz dataset that only ever grows by whole frames.
+
+    Each append writes the old content plus the new frame to a temporary file in the same
+    folder, fsyncs it and renames it over the dataset: a crash leaves either the old or the new
+    file, never a truncated frame. Frames already present (same :func:`structure_key`) are not
+    written again, so a restarted run does not duplicate them.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._keys: set[str] = set()
+        if self.path.exists() and self.path.stat().st_size:
+            for atoms in read(self.path, ":", format="extxyz"):
+                self._keys.add(structure_key(atoms))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, atoms: Atoms) -> bool:
+        return structure_key(atoms) in self._keys
+
+    def append(self, atoms: Atoms) -> bool:
+        """Append ``atoms`` (with its info/arrays); False if it is already there."""
+        key = structure_key(atoms)
+        if key in self._keys:
+            return False
+        buffer = io.StringIO()
+        write(buffer, atoms, format="extxyz")
+        old = self.path.read_bytes() if self.path.exists() else b""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(old + buffer.getvalue().encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        self._keys.add(key)
+        return True
+
+
+class FallbackCalculator(Calculator):
+    """RACE where it is sure, the reference where it is not.
+
+    Args:
+        model: a :class:`RACECalculator` (or anything it accepts: a path, a shipped name).
+        reference: any ASE calculator giving energy and forces (PySCF, VASP, GPAW, tblite, EMT…).
+        threshold: the reference is called when ``quantity`` exceeds it (eV/Å for
+            ``max_forces_std``, eV for ``energy_std``).
+        quantity: ``max_forces_std`` (max over atoms of √trace of the force covariance) or
+            ``energy_std``.
+        dataset: extxyz file collecting the reference-labelled frames (``REF_energy``,
+            ``REF_forces``, ``fallback_reason``, and the triggering uncertainty); None: keep none.
+        min_interval: at least this many calls between two reference calls.
+        budget: at most this many reference calls in total (None: unlimited).
+        on_failure: when the reference raises: ``model`` logs it and returns the model's
+            prediction; ``retry`` tries ``retries`` more times, then behaves like ``model``;
+            ``stop`` raises :class:`RaceError`. Never silent: failures are logged and counted.
+        retries: extra attempts for ``retry``.
+
+    Results are the model's properties, with ``energy``, ``free_energy`` and ``forces`` replaced
+    by the reference's on reference steps; ``fallback_used`` (bool) says which.
+    """
+
+    def __init__(
+        self,
+        model,
+        reference: Calculator,
+        threshold: float,
+        quantity: str = K.MAX_FORCES_STD,
+        dataset: str | os.PathLike | None = None,
+        min_interval: int = 0,
+        budget: int | None = None,
+        on_failure: str = "model",
+        retries: int = 1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if quantity not in (K.MAX_FORCES_STD, K.ENERGY_STD):
+            raise ValueError(f"quantity must be {K.MAX_FORCES_STD!r} or {K.ENERGY_STD!r}, got {quantity!r}")
+        if on_failure not in POLICIES:
+            raise ValueError(f"on_failure must be one of {POLICIES}, got {on_failure!r}")
+        self.model = model if isinstance(model, RACECalculator) else RACECalculator(model)
+        self.implemented_properties = tuple(self.model.implemented_properties) + ("fallback_used",)
+        self.reference = reference
+        self.threshold = float(threshold)
+        self.quantity = quantity
+        self.frames = LabelledFrames(dataset) if dataset is not None else None
+        self.min_interval = int(min_interval)
+        self.budget = budget
+        self.on_failure = on_failure
+        self.retries = int(retries)
+        self.n_calls = 0  # calculate() calls
+        self.n_reference = 0  # successful reference calls
+        self.n_failures = 0
+        self.last_reference_call: int | None = None
+        #: (call index, quantity value, what happened) for every step above the threshold
+        self.events: list[tuple[int, float, str]] = []
+
+    def calculate(self, atoms=None, properties=None, system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.n_calls += 1
+        atoms = self.atoms
+        model_atoms = atoms.copy()
+        model_atoms.calc = self.model
+        model_atoms.get_potential_energy()
+        results = dict(self.model.results)
+        results["fallback_used"] = False
+        value = float(results[self.quantity])
+        if value > self.threshold:
+            outcome = self._try_reference(atoms, value, results)
+            self.events.append((self.n_calls, value, outcome))
+        self.results = results
+
+    def _allowed(self) -> str | None:
+        if self.budget is not None and self.n_reference >= self.budget:
+            return "budget exhausted"
+        if self.last_reference_call is not None and self.n_calls - self.last_reference_call <= self.min_interval:
+            return "too soon after the last reference call"
+        return None
+
+    def _try_reference(self, atoms: Atoms, value: float, results: dict) -> str:
+        refused = self._allowed()
+        if refused:
+            return f"model ({refused})"
+        attempts = 1 + (self.retries if self.on_failure == "retry" else 0)
+        error = None
+        for _ in range(attempts):
+            try:
+                ref_atoms = atoms.copy()
+                ref_atoms.calc = self.reference
+                energy = float(ref_atoms.get_potential_energy())
+                forces = np.array(ref_atoms.get_forces(), dtype=np.float64)
+                break
+            except Exception as exc:  # any reference failure is handled by the policy
+                error = exc
+                self.n_failures += 1
+                log.warning("reference calculation failed (%s: %s)", type(exc).__name__, exc)
+        else:
+            self.last_reference_call = self.n_calls  # do not hammer a failing reference
+            if self.on_failure == "stop":
+                raise RaceError(f"the reference calculator failed at call {self.n_calls}: {error}") from error
+            return f"model (reference failed: {type(error).__name__})"
+        self.n_reference += 1
+        self.last_reference_call = self.n_calls
+        results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
+        if self.frames is not None:
+            frame = atoms.copy()
+            frame.info.update({"REF_energy": energy, "fallback_reason": f"{self.quantity}>{self.threshold:g}",
+                               f"race_{self.quantity}": value})
+            frame.arrays["REF_forces"] = forces
+            self.frames.append(frame)
+        return "reference"

@@ -1,0 +1,111 @@
+"""FallbackCalculator with a real (cheap) reference: EMT."""
+
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.calculators.emt import EMT
+from ase.io import read
+
+from ase_race.calculator.fallback import FallbackCalculator, LabelledFrames
+from ase_race.errors import RaceError
+from ase_race.testing import random_posterior
+
+
+class Flaky(EMT):
+    """EMT that raises on chosen calls."""
+
+    def __init__(self, fail_on=()):
+        super().__init__()
+        self.fail_on, self.count = set(fail_on), 0
+
+    def calculate(self, *args, **kwargs):
+        self.count += 1
+        if self.count in self.fail_on:
+            raise RuntimeError("SCF did not converge")
+        super().calculate(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_posterior("tiny", seed=4, species=(1, 6, 8), scale=2.0, dtype="float64")
+
+
+def trajectory(n=8):
+    """Ethanol frames that drift further from the start (growing distortions)."""
+    frames = []
+    for k in range(n):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.01 + 0.03 * k, seed=k)
+        frames.append(atoms)
+    return frames
+
+
+def run(calc, frames):
+    values, used = [], []
+    for atoms in frames:
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        values.append(calc.results["max_forces_std"])
+        used.append(calc.results["fallback_used"])
+    return np.array(values), used
+
+
+def test_reference_called_exactly_above_threshold(model, tmp_path):
+    frames = trajectory()
+    probe = FallbackCalculator(model, EMT(), threshold=np.inf)
+    values, _ = run(probe, [f.copy() for f in frames])
+    threshold = float(np.median(values))
+    calc = FallbackCalculator(model, EMT(), threshold=threshold, dataset=tmp_path / "ref.extxyz")
+    _, used = run(calc, frames)
+    assert used == list(values > threshold)
+    saved = read(tmp_path / "ref.extxyz", ":")
+    assert len(saved) == int((values > threshold).sum()) == calc.n_reference
+    for atoms in saved:  # the labels are EMT's (positions are stored to 1e-8 Å)
+        ref = atoms.copy()
+        ref.calc = EMT()
+        assert atoms.info["REF_energy"] == pytest.approx(ref.get_potential_energy(), abs=1e-6)
+        np.testing.assert_allclose(atoms.arrays["REF_forces"], ref.get_forces(), atol=1e-5)
+        assert atoms.info["race_max_forces_std"] > threshold and "max_forces_std" in atoms.info["fallback_reason"]
+    # On a reference step the reported energy and forces are the reference's.
+    atoms = frames[int(np.argmax(values))]
+    ref = atoms.copy()
+    ref.calc = EMT()
+    assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-12)
+    np.testing.assert_allclose(atoms.get_forces(), ref.get_forces(), atol=1e-12)
+
+
+def test_spacing_and_budget(model):
+    frames = trajectory(8)
+    calc = FallbackCalculator(model, EMT(), threshold=0.0, min_interval=2)
+    _, used = run(calc, frames)
+    assert used == [True, False, False, True, False, False, True, False]
+    calc = FallbackCalculator(model, EMT(), threshold=0.0, budget=3)
+    _, used = run(calc, trajectory(8))
+    assert sum(used) == 3 and used[:3] == [True, True, True]
+
+
+def test_failing_reference_policies(model, tmp_path):
+    calc = FallbackCalculator(model, Flaky(fail_on={2}), threshold=0.0, dataset=tmp_path / "d.extxyz")
+    _, used = run(calc, trajectory(3))
+    assert used == [True, False, True] and calc.n_failures == 1
+    assert len(read(tmp_path / "d.extxyz", ":")) == 2
+    assert "reference failed" in calc.events[1][2]
+    retry = FallbackCalculator(model, Flaky(fail_on={1}), threshold=0.0, on_failure="retry", retries=1)
+    _, used = run(retry, trajectory(1))
+    assert used == [True] and retry.n_failures == 1
+    stop = FallbackCalculator(model, Flaky(fail_on={1}), threshold=0.0, on_failure="stop")
+    with pytest.raises(RaceError, match="reference calculator failed"):
+        run(stop, trajectory(1))
+
+
+def test_restart_neither_loses_nor_duplicates(model, tmp_path):
+    path = tmp_path / "collected.extxyz"
+    frames = trajectory(4)
+    run(FallbackCalculator(model, EMT(), threshold=0.0, dataset=path), [f.copy() for f in frames[:3]])
+    assert len(read(path, ":")) == 3
+    # The restarted run replays the same structures and goes one further.
+    run(FallbackCalculator(model, EMT(), threshold=0.0, dataset=path), [f.copy() for f in frames])
+    saved = read(path, ":")
+    assert len(saved) == 4 and len(LabelledFrames(path)) == 4
+    # No temporary files are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["collected.extxyz"]
