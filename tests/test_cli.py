@@ -31,6 +31,16 @@ def test_md_writes_trajectory_log_and_plot(tmp_path):
     assert (out / "uncertainty.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_md_stops_when_the_model_is_unsure(tmp_path):
+    out = tmp_path / "md"
+    # Any prediction has max_forces_std > 0: the run stops at step 0 and says so.
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "30", "--stop-above", "0", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped: step 0: max_forces_std" in proc.stdout
+    frames = read(out / "trajectory.extxyz", ":")
+    assert frames[-1].info["race_max_forces_std"] > 0
+
+
 def test_predict_and_info(tmp_path):
     write(tmp_path / "in.extxyz", [molecule("CH3CH2OH"), molecule("H2O")])
     proc = ase_race("predict", FIXTURE, str(tmp_path / "in.extxyz"), "-o", str(tmp_path / "out.extxyz"))

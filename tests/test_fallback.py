@@ -109,3 +109,33 @@ def test_restart_neither_loses_nor_duplicates(model, tmp_path):
     assert len(saved) == 4 and len(LabelledFrames(path)) == 4
     # No temporary files are left behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["collected.extxyz"]
+
+
+def test_md_stop_observer_stops_at_the_first_step_above_threshold(model):
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from ase_race.calculator import RACECalculator, UncertaintyExceeded, UncertaintyLog, UncertaintyStop
+
+    def md(stop=None):
+        atoms = molecule("CH3CH2OH")
+        atoms.set_velocities(np.random.default_rng(0).normal(0, 0.05, (9, 3)))
+        atoms.calc = RACECalculator(model)
+        dyn = VelocityVerlet(atoms, 0.5 * units.fs)
+        log = UncertaintyLog(atoms, dyn)
+        dyn.attach(log, interval=1)
+        if stop is not None:
+            dyn.attach(UncertaintyStop(atoms, stop, dynamics=dyn), interval=1)
+        try:
+            dyn.run(30)
+        except UncertaintyExceeded as exc:
+            return log.rows, exc
+        return log.rows, None
+
+    rows, _ = md()
+    values = np.array([r["max_forces_std"] for r in rows])
+    threshold = float(np.quantile(values, 0.6))
+    first = int(np.argmax(values > threshold))
+    rows, exc = md(threshold)
+    assert exc is not None and exc.step == rows[first]["step"] == first
+    assert exc.value == pytest.approx(values[first]) and len(rows) == first + 1

@@ -26,6 +26,7 @@ from ase import Atoms
 from ase.io import write
 
 from .. import _keys as K
+from ..errors import RaceError
 
 INFO_KEYS = (
     K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC, K.MAX_FORCES_STD, K.STRESS_VAR,
@@ -109,3 +110,38 @@ class UncertaintyLog:
             "max_forces_std": float(results[K.MAX_FORCES_STD]),
             "epistemic_share": float(results[K.FORCES_VAR_EPISTEMIC].sum()) / total if total > 0 else 0.0,
         }
+
+
+class UncertaintyExceeded(RaceError):
+    """Raised by :class:`UncertaintyStop`: the run left the region where the model is trusted."""
+
+    def __init__(self, step: int, quantity: str, value: float, threshold: float):
+        super().__init__(f"step {step}: {quantity} = {value:.4g} exceeds the threshold {threshold:.4g}")
+        self.step, self.quantity, self.value, self.threshold = step, quantity, value, threshold
+
+
+class UncertaintyStop:
+    """Dynamics/optimiser observer that stops the run when the model becomes unsure.
+
+    At every call it compares ``quantity`` of the current structure (``max_forces_std``, eV/Å:
+    max over atoms of √trace of the force covariance; or ``energy_std``, eV) with
+    ``threshold`` and raises :class:`UncertaintyExceeded` at the first value above it, which
+    ends ``dyn.run`` at that step; the atoms keep that step's structure. Attach with
+    ``interval=1`` to stop at the first step above it: ``dyn.attach(UncertaintyStop(atoms, 0.5, dynamics=dyn))``.
+    """
+
+    def __init__(self, atoms: Atoms, threshold: float, quantity: str = K.MAX_FORCES_STD, dynamics=None):
+        if quantity not in (K.MAX_FORCES_STD, K.ENERGY_STD):
+            raise ValueError(f"quantity must be {K.MAX_FORCES_STD!r} or {K.ENERGY_STD!r}, got {quantity!r}")
+        self.atoms, self.threshold, self.quantity, self.dynamics = atoms, float(threshold), quantity, dynamics
+        self.calls = 0
+
+    def __call__(self) -> None:
+        calc = self.atoms.calc
+        if K.ENERGY_VAR not in calc.results or calc.check_state(self.atoms):
+            self.atoms.get_potential_energy()
+        value = float(calc.results[self.quantity])
+        step = self.dynamics.nsteps if self.dynamics is not None else self.calls
+        self.calls += 1
+        if value > self.threshold:
+            raise UncertaintyExceeded(step, self.quantity, value, self.threshold)

@@ -32,6 +32,9 @@ def add_arguments(p) -> None:
     p.add_argument("--interval", type=int, default=100, help="steps between table rows and saved frames")
     p.add_argument("--log-interval", type=int, default=10, help="steps between points of the CSV log and plot")
     p.add_argument("--output", default="race_md", help="output folder")
+    p.add_argument("--stop-above", type=float, default=None,
+                   help="stop at the first step whose --stop-quantity exceeds this (eV/Å or eV)")
+    p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
@@ -54,7 +57,7 @@ def run(args) -> int:
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
-    from ..calculator import RACECalculator, UncertaintyLog, UncertaintyWriter
+    from ..calculator import RACECalculator, UncertaintyExceeded, UncertaintyLog, UncertaintyStop, UncertaintyWriter
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,16 +76,26 @@ def run(args) -> int:
     dyn.attach(log, interval=args.log_interval)
     dyn.attach(UncertaintyWriter(atoms, str(trajectory)), interval=args.interval)
     dyn.attach(lambda: _print_row(log.row()), interval=args.interval)
+    if args.stop_above is not None:
+        dyn.attach(UncertaintyStop(atoms, args.stop_above, args.stop_quantity, dynamics=dyn), interval=1)
 
     print(f"{len(atoms)} atoms, {args.ensemble} at {args.temperature:g} K, {args.steps} steps of {args.timestep} fs, "
           f"model {args.model}")
     print(f"{'step':>7} {'T/K':>7} {'E/eV':>14} {'E std/eV':>9} {'max F std/(eV/Å)':>17}")
     bar = _progress(args.steps)
-    for _ in dyn.irun(args.steps):
-        if bar is not None:
-            bar.update(1)
+    stopped = None
+    try:
+        for _ in dyn.irun(args.steps):
+            if bar is not None:
+                bar.update(1)
+    except UncertaintyExceeded as exc:
+        stopped = exc
     if bar is not None:
         bar.close()
+    if stopped is not None:
+        log()
+        UncertaintyWriter(atoms, str(trajectory), append=True)()
+        print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
     _write_csv(log.rows, out / "uncertainty.csv")
     plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
     print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")
