@@ -103,9 +103,15 @@ class Posterior(ABC):
         return TORCH_DTYPES[self.config.dtype]
 
 
+BUILT_IN = ("mve", "ensemble", "sampled", "last_layer")
+
+
 def posterior_class(kind: str) -> type[Posterior]:
     """The registered posterior class for ``kind``."""
-    from . import ensemble, last_layer, mve, sampled  # noqa: F401 (registers the built-in kinds)
+    import importlib
+
+    for module in BUILT_IN:  # importing a module registers its kinds
+        importlib.import_module(f"{__package__}.{module}")
 
     try:
         return Posterior._registry[kind]
