@@ -59,3 +59,16 @@ def test_errors_are_one_line(tmp_path):
         "ase-race predict: error: element(s) ['N'] not known to this model, which knows ['H', 'C', 'O']"
     ]
     assert "no such model file" in ase_race("info", "nothing.pt").stderr
+
+
+def test_relax_reports_whether_the_minimum_is_trustworthy(tmp_path):
+    out = tmp_path / "relax"
+    # A loose fmax far above the fixture model's force std: converged and trusted.
+    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1000", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "minimum trustworthy: yes" in proc.stdout
+    frames = read(out / "trajectory.extxyz", ":")
+    assert "race_max_forces_std" in frames[-1].info
+    # An fmax below the force std: the verdict says the minimum is within the noise.
+    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1e-9", "--steps", "3", "--output", str(out))
+    assert "minimum trustworthy: no" in proc.stdout

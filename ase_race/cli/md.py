@@ -16,7 +16,7 @@ DEFAULT_MODEL = "ethanol-mve"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("md", help="uncertainty-aware molecular dynamics (Langevin, NVE)")
+    p = sub.add_parser("md", help="uncertainty-aware molecular dynamics (Langevin, NVT, NVE)")
     add_arguments(p)
     p.set_defaults(run=run)
 
@@ -24,7 +24,9 @@ def add_parser(sub) -> None:
 def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model file or shipped name (default {DEFAULT_MODEL})")
     p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
-    p.add_argument("--ensemble", choices=["langevin", "nve"], default="langevin")
+    p.add_argument("--ensemble", choices=["langevin", "nvt", "nve"], default="langevin",
+                   help="langevin; nvt (Nosé–Hoover chain, --tdamp); nve (velocity Verlet)")
+    p.add_argument("--tdamp", type=float, default=50.0, help="Nosé–Hoover damping time, fs (nvt)")
     p.add_argument("--temperature", type=float, default=500.0, help="K (default 500, the rMD17 sampling temperature)")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
@@ -69,6 +71,10 @@ def run(args) -> int:
     if args.ensemble == "langevin":
         dyn = Langevin(atoms, dt, temperature_K=args.temperature, friction=args.friction / units.fs,
                        fixcm=False, rng=rng)
+    elif args.ensemble == "nvt":
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        dyn = NoseHooverChainNVT(atoms, dt, temperature_K=args.temperature, tdamp=args.tdamp * units.fs)
     else:
         dyn = VelocityVerlet(atoms, dt)
     log = UncertaintyLog(atoms, dyn)

@@ -1,0 +1,75 @@
+"""``ase-race relax``: geometry optimisation that says how far its minimum can be trusted.
+
+Runs BFGS or FIRE to ``--fmax``, writes every step to an extxyz trajectory with the
+uncertainties (``race_*`` keys), optionally stops when the model becomes unsure
+(``--stop-above``), and ends with a report: the final energy and its std, the final
+``max_forces_std`` against ``fmax``, and a verdict. The minimum is called trustworthy when
+the optimiser converged, no step crossed the stop threshold, and ``max_forces_std`` ≤ ``fmax``:
+the model knows the forces better than the convergence criterion asks, so "forces below fmax"
+is a statement about the potential-energy surface rather than about noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("relax", help="geometry optimisation with an uncertainty report")
+    p.add_argument("--model", default="ethanol-mve", help="model file or shipped name")
+    p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
+    p.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs")
+    p.add_argument("--fmax", type=float, default=0.01, help="eV/Å")
+    p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps")
+    p.add_argument("--stop-above", type=float, default=None, help="stop when max_forces_std exceeds this (eV/Å)")
+    p.add_argument("--output", default="race_relax", help="output folder")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ase.optimize import BFGS, FIRE
+
+    from ..calculator import RACECalculator, UncertaintyExceeded, UncertaintyStop, UncertaintyWriter
+    from .md import load_structure
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    atoms = load_structure(args.structure)
+    atoms.calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    optimizer = {"bfgs": BFGS, "fire": FIRE}[args.optimizer](atoms, logfile=None)
+    trajectory = out / "trajectory.extxyz"
+    optimizer.attach(UncertaintyWriter(atoms, str(trajectory)), interval=1)
+    if args.stop_above is not None:
+        optimizer.attach(UncertaintyStop(atoms, args.stop_above, dynamics=optimizer), interval=1)
+    print(f"{'step':>5} {'E/eV':>14} {'fmax/(eV/Å)':>12} {'E std/eV':>9} {'max F std/(eV/Å)':>17}")
+
+    def row():
+        r = atoms.calc.results
+        fmax = float((atoms.get_forces() ** 2).sum(axis=1).max() ** 0.5)
+        print(f"{optimizer.nsteps:5d} {r['energy']:14.5f} {fmax:12.4f} {r['energy_std']:9.4f} {r['max_forces_std']:17.4f}",
+              flush=True)
+
+    optimizer.attach(row, interval=1)
+    stopped = None
+    try:
+        converged = bool(optimizer.run(fmax=args.fmax, steps=args.steps))
+    except UncertaintyExceeded as exc:
+        stopped, converged = exc, False
+    r = atoms.calc.results
+    fmax = float((atoms.get_forces() ** 2).sum(axis=1).max() ** 0.5)
+    trusted = converged and stopped is None and r["max_forces_std"] <= args.fmax
+    print(f"final energy {r['energy']:.5f} ± {r['energy_std']:.5f} eV (epistemic std "
+          f"{r['energy_var_epistemic'] ** 0.5:.5f} eV) after {optimizer.nsteps} steps; residual fmax {fmax:.4f} eV/Å")
+    print(f"max_forces_std {r['max_forces_std']:.4f} eV/Å against fmax {args.fmax:g} eV/Å")
+    if stopped is not None:
+        reason = f"stopped: {stopped}"
+    elif not converged:
+        reason = f"not converged in {args.steps} steps"
+    elif not trusted:
+        reason = "the force uncertainty exceeds fmax: the minimum is within the model's noise"
+    else:
+        reason = "converged with forces known better than fmax"
+    print(f"minimum trustworthy: {'yes' if trusted else 'no'} ({reason}); trajectory {trajectory}")
+    return 0
