@@ -139,3 +139,23 @@ def test_md_stop_observer_stops_at_the_first_step_above_threshold(model):
     rows, exc = md(threshold)
     assert exc is not None and exc.step == rows[first]["step"] == first
     assert exc.value == pytest.approx(values[first]) and len(rows) == first + 1
+
+
+def test_pyscf_reference_forces_are_the_energy_gradient():
+    pytest.importorskip("pyscf")
+    from ase import Atoms
+
+    from ase_race.calculator.pyscf_ref import PySCFCalculator
+    from ase_race.testing import finite_difference_forces
+
+    atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.5], [0.0, -0.8, -0.45]])
+    atoms.calc = PySCFCalculator(xc="PBE", basis="sto-3g", density_fit=True)
+    forces = atoms.get_forces()
+    np.testing.assert_allclose(forces, finite_difference_forces(atoms, delta=1e-3), atol=2e-3)
+    # Hartree → eV: the PBE/STO-3G energy of water is about −75.2 Ha.
+    assert atoms.get_potential_energy() == pytest.approx(-75.2 * 27.2114, rel=0.01)
+    periodic = atoms.copy()
+    periodic.pbc, periodic.cell = True, [10, 10, 10]
+    periodic.calc = PySCFCalculator(basis="sto-3g")
+    with pytest.raises(Exception, match="molecules only"):
+        periodic.get_potential_energy()
