@@ -72,3 +72,13 @@ def test_relax_reports_whether_the_minimum_is_trustworthy(tmp_path):
     # An fmax below the force std: the verdict says the minimum is within the noise.
     proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1e-9", "--steps", "3", "--output", str(out))
     assert "minimum trustworthy: no" in proc.stdout
+
+
+def test_md_with_fallback_collects_reference_frames(tmp_path):
+    out = tmp_path / "md"
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "10", "--interval", "5", "--output", str(out),
+                    "--fallback", "emt", "--fallback-threshold", "0", "--fallback-budget", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback: 3 reference calls (0 failed) in 11 evaluations" in proc.stdout
+    frames = read(out / "fallback.extxyz", ":")
+    assert len(frames) == 3 and all("REF_energy" in f.info and "REF_forces" in f.arrays for f in frames)

@@ -15,6 +15,42 @@ from pathlib import Path
 DEFAULT_MODEL = "ethanol-mve"
 
 
+def _pyscf():
+    from ..calculator.pyscf_ref import PySCFCalculator
+
+    return PySCFCalculator()
+
+
+def _emt():
+    from ase.calculators.emt import EMT
+
+    return EMT()
+
+
+def _tblite():
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+#: --fallback choices: name → factory of an ASE calculator
+REFERENCES = {"pyscf": _pyscf, "emt": _emt, "tblite": _tblite}
+
+
+def make_calculator(args):
+    """The RACE calculator, wrapped in a FallbackCalculator when --fallback is given."""
+    from ..calculator import FallbackCalculator, RACECalculator
+
+    calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    if getattr(args, "fallback", None) is None:
+        return calc
+    dataset = args.fallback_dataset or str(Path(args.output) / "fallback.extxyz")
+    return FallbackCalculator(
+        calc, REFERENCES[args.fallback](), threshold=args.fallback_threshold, dataset=dataset,
+        min_interval=args.fallback_min_interval, budget=args.fallback_budget,
+    )
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("md", help="uncertainty-aware molecular dynamics (Langevin, NVT, NVE)")
     add_arguments(p)
@@ -37,6 +73,12 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-above", type=float, default=None,
                    help="stop at the first step whose --stop-quantity exceeds this (eV/Å or eV)")
     p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"])
+    p.add_argument("--fallback", choices=sorted(REFERENCES), default=None,
+                   help="reference calculator called where the model is unsure (pyscf: PBE/def2-SVP)")
+    p.add_argument("--fallback-threshold", type=float, default=0.5, help="max_forces_std (eV/Å) above which to call it")
+    p.add_argument("--fallback-dataset", default=None, help="extxyz collecting the reference frames (default OUTPUT/fallback.extxyz)")
+    p.add_argument("--fallback-min-interval", type=int, default=0, help="steps between reference calls")
+    p.add_argument("--fallback-budget", type=int, default=None, help="at most this many reference calls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
@@ -59,12 +101,12 @@ def run(args) -> int:
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
     from ase.md.verlet import VelocityVerlet
 
-    from ..calculator import RACECalculator, UncertaintyExceeded, UncertaintyLog, UncertaintyStop, UncertaintyWriter
+    from ..calculator import UncertaintyExceeded, UncertaintyLog, UncertaintyStop, UncertaintyWriter
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     atoms = load_structure(args.structure)
-    atoms.calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    atoms.calc = make_calculator(args)
     rng = np.random.default_rng(args.seed)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=rng)
     dt = args.timestep * units.fs
@@ -102,6 +144,10 @@ def run(args) -> int:
         log()
         UncertaintyWriter(atoms, str(trajectory), append=True)()
         print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
+    if getattr(atoms.calc, "n_reference", None) is not None:
+        calc = atoms.calc
+        print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations; "
+              f"{len(calc.frames)} frames in {calc.frames.path}")
     _write_csv(log.rows, out / "uncertainty.csv")
     plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
     print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")
