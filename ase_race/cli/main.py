@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import demo, evaluate, info, md, predict, relax, train
+from . import demo, evaluate, info, md, predict, relax, select, train
 
-SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, info)
+SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, select, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
