@@ -83,6 +83,9 @@ def test_batched_members_equal_loop(periodic):
     graph = from_atoms(atoms, SPECIES, ens.config.r_max, dtype=torch.float64)
     batched = ens.predict(graph, compute_stress=periodic)
     loop = ens.predict_loop(graph, compute_stress=periodic)
+    ens._stacked.max_edges_per_pass = 1  # every member in its own plain pass
+    one_by_one = ens.predict(graph, compute_stress=periodic)
+    torch.testing.assert_close(one_by_one.forces_ensemble, loop.forces_ensemble, rtol=1e-12, atol=1e-15)
     names = ["energy", "energy_var_aleatoric", "energy_var_epistemic", "forces", "forces_cov_aleatoric",
              "forces_cov_epistemic", "forces_ensemble"] + (["stress", "stress_var_epistemic"] if periodic else [])
     for name in names:

@@ -62,11 +62,15 @@ class StackedModel:
             every member, its parameters are replaced by ``params``.
         params: name → (M, *shape) stacked parameters (see :func:`stack_parameters`).
         max_edges_per_pass: members are evaluated in groups such that a group's edges times
-            members stay below this, bounding memory on large systems (each group is still
-            one vmapped pass with one backward pass).
+            members stay below this (each group one vmapped pass with one backward pass; a
+            group of one is a plain pass). Measured on 2 CPU cores (docs/benchmarks.md):
+            batching ten members is faster than a loop for a 27-atom molecule (7 k
+            edge-members) and 2.3× slower for 192 atoms of water (100 k edge-members), where
+            the vmapped backward spends its time allocating and filling slice gradients. The
+            default keeps the batched pass where it pays.
     """
 
-    def __init__(self, model: RACE, params: dict[str, torch.Tensor], max_edges_per_pass: int = 400_000):
+    def __init__(self, model: RACE, params: dict[str, torch.Tensor], max_edges_per_pass: int = 16_000):
         self.model = model
         self.params = params
         self.max_edges_per_pass = max_edges_per_pass
@@ -118,7 +122,11 @@ class StackedModel:
             def one(p, pos, eps):
                 return functional_call(self._module, ({f"model.{k}": v for k, v in p.items()}, buffers), (graph, pos, eps))
 
-            out = vmap(one, in_dims=(0, 0, 0 if compute_stress else None))(params, positions, strain)
+            if m == 1:  # a plain pass: vmap over one member only adds overhead
+                single = one({k: v[0] for k, v in params.items()}, positions[0], None if strain is None else strain[0])
+                out = {k: v.unsqueeze(0) for k, v in single.items()}
+            else:
+                out = vmap(one, in_dims=(0, 0, 0 if compute_stress else None))(params, positions, strain)
             grads = torch.autograd.grad(out[K.ENERGY].sum(), inputs)
         result = {
             K.ENERGY: out[K.ENERGY].detach(),
