@@ -95,6 +95,9 @@ class StackedModel:
     def __call__(self, graph: AtomicGraph, compute_stress: bool = False) -> dict[str, torch.Tensor]:
         """Every member's outputs.
 
+        Edge chunking with activation checkpointing is not used here: the recomputation in the
+        backward pass would run after ``functional_call`` has put the original weights back.
+
         Returns:
             dict with ``energy`` (M, B), ``node_energy`` (M, n), ``energy_var`` (M, B),
             ``forces`` (M, n, 3), ``forces_cov`` (M, n, 3, 3) and, with ``compute_stress``,
