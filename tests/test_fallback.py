@@ -159,3 +159,17 @@ def test_pyscf_reference_forces_are_the_energy_gradient():
     periodic.calc = PySCFCalculator(basis="sto-3g")
     with pytest.raises(Exception, match="molecules only"):
         periodic.get_potential_energy()
+
+
+def test_reopened_dataset_recognises_every_frame_it_holds(tmp_path):
+    # extxyz keeps 8 decimals; keys recomputed from the file would round differently for some
+    # frames, so the store keeps each frame's key with it.
+    frames = []
+    for k in range(60):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.1, seed=k)
+        frames.append(atoms)
+    store = LabelledFrames(tmp_path / "d.extxyz")
+    assert all(store.append(f) for f in frames)
+    reopened = LabelledFrames(tmp_path / "d.extxyz")
+    assert len(reopened) == 60 and not any(reopened.append(f) for f in frames)

@@ -374,3 +374,14 @@ def test_interrupted_ivon_and_swag_runs_resume_exactly(method, dimer_file, tmp_p
         torch.testing.assert_close(second.optimizer.param_groups[0]["hess"], whole.optimizer.param_groups[0]["hess"], rtol=0, atol=0)
     else:
         torch.testing.assert_close(torch.stack(second.swag.deviations), torch.stack(whole.swag.deviations), rtol=0, atol=0)
+
+
+def test_mse_ensemble_has_finite_bald_and_only_epistemic_variance(ethanol):
+    ens = EnsemblePosterior(members(3), aleatoric=False)
+    graph = from_atoms(ethanol, SPECIES, ens.config.r_max, dtype=torch.float64)
+    p = ens.predict(graph)
+    eps = ens.config.cov_eps
+    assert torch.allclose(p.energy_var_aleatoric, torch.full_like(p.energy_var_aleatoric, eps))
+    assert torch.isfinite(bald(p)).all() and bald(p).item() > 0
+    # BALD_E = ½ log(1 + epistemic/floor) for a floored, otherwise noise-free ensemble.
+    assert bald_energy(p).item() == pytest.approx(0.5 * math.log1p(p.energy_var_epistemic.item() / eps), rel=1e-9)

@@ -147,7 +147,7 @@ class RACECalculator(Calculator):
         wanted = {K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE} & set(properties)
         if wanted and not self.posterior.provides_ensemble:
             raise PropertyNotImplementedError(
-                f"{sorted(wanted)} need a sampling posterior (ensemble, SWAG, IVON); this model is "
+                f"{sorted(wanted)} need a sampling posterior (ensemble, SWAG, IVON, all-weight Laplace); this model is "
                 f"{self.posterior.kind!r}"
             )
 

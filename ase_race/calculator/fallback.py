@@ -48,12 +48,16 @@ class LabelledFrames:
     written again, so a restarted run does not duplicate them.
     """
 
+    KEY = "race_structure_key"
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._keys: set[str] = set()
         if self.path.exists() and self.path.stat().st_size:
+            # The key stored with each frame, not one recomputed from the file: extxyz keeps
+            # positions to 8 decimals, which can round differently from the original.
             for atoms in read(self.path, ":", format="extxyz"):
-                self._keys.add(structure_key(atoms))
+                self._keys.add(str(atoms.info.get(self.KEY, structure_key(atoms))))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -66,6 +70,8 @@ class LabelledFrames:
         key = structure_key(atoms)
         if key in self._keys:
             return False
+        atoms = atoms.copy()
+        atoms.info[self.KEY] = key
         buffer = io.StringIO()
         write(buffer, atoms, format="extxyz")
         old = self.path.read_bytes() if self.path.exists() else b""

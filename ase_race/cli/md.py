@@ -141,8 +141,10 @@ def run(args) -> int:
     if bar is not None:
         bar.close()
     if stopped is not None:
-        log()
-        UncertaintyWriter(atoms, str(trajectory), append=True)()
+        if not log.rows or log.rows[-1]["step"] != stopped.step:
+            log()
+        if stopped.step % args.interval:  # a multiple of the interval was written already
+            UncertaintyWriter(atoms, str(trajectory), append=True)()
         print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
     if getattr(atoms.calc, "n_reference", None) is not None:
         calc = atoms.calc

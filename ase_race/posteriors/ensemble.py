@@ -30,7 +30,8 @@ class EnsemblePosterior(Posterior):
     The predictive is the mixture of SPEC §4: mean of the members' means, aleatoric = mean of
     their variances (zero-free only for NLL members), epistemic = their spread. MSE members
     carry untrained variance heads; for them only the epistemic part is meaningful, and
-    ``aleatoric=False`` (stored in the file) drops their head variances.
+    ``aleatoric=False`` (stored in the file) replaces their head variances by the floor
+    ``cov_eps``.
     """
 
     kind = "ensemble"
@@ -55,9 +56,19 @@ class EnsemblePosterior(Posterior):
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
         out = self._stacked(graph, compute_stress=compute_stress)
         if not self.aleatoric:
-            out["energy_var"] = torch.zeros_like(out["energy_var"])
-            out["forces_cov"] = torch.zeros_like(out["forces_cov"])
+            self._drop_heads(out)
         return mixture_prediction(out, compute_stress)
+
+    def _drop_heads(self, out: dict) -> None:
+        """MSE members: replace the untrained head variances by the floor ``cov_eps``.
+
+        A floor rather than zero keeps the predictive proper and BALD finite (it is
+        ½ log(1 + epistemic/floor) then, still ordered by the epistemic part).
+        """
+        eps = self.config.cov_eps
+        out["energy_var"] = torch.full_like(out["energy_var"], eps)
+        eye = torch.eye(3, dtype=out["forces_cov"].dtype, device=out["forces_cov"].device)
+        out["forces_cov"] = (eps * eye).expand_as(out["forces_cov"]).clone()
 
     def predict_loop(self, graph: AtomicGraph, *, compute_stress: bool = False) -> Prediction:
         """The same predictive from a plain Python loop over members (reference and benchmark)."""
@@ -65,8 +76,7 @@ class EnsemblePosterior(Posterior):
         keys = ["energy", "energy_var", "node_energy", "forces", "forces_cov"] + (["stress"] if compute_stress else [])
         stacked = {k: torch.stack([o[k].detach() for o in outs]) for k in keys}
         if not self.aleatoric:
-            stacked["energy_var"] = torch.zeros_like(stacked["energy_var"])
-            stacked["forces_cov"] = torch.zeros_like(stacked["forces_cov"])
+            self._drop_heads(stacked)
         return mixture_prediction(stacked, compute_stress)
 
     def state_dict(self) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def last_layer_jacobians(
         jac_e = model.config.scale * jac_e  # (B, P)
         # Row 0: Σ_b E_b (its gradient gives the forces); rows 1…P: Σ_b J_E,bp. Atoms of one graph
         # only change that graph's terms, so each row's gradient is per graph.
-        projected = jac_e.sum(0) if basis is None else jac_e.sum(0) @ basis.to(jac_e.dtype)
+        projected = jac_e.sum(0) if basis is None else jac_e.sum(0) @ basis.to(jac_e.device, jac_e.dtype)
         rows = torch.cat([out[K.ENERGY].sum().to(jac_e.dtype)[None], projected])
         eye = torch.eye(rows.shape[0], dtype=rows.dtype, device=rows.device)
         grads = torch.autograd.grad(rows, inputs, grad_outputs=eye, is_grads_batched=True)
@@ -89,7 +89,8 @@ class LastLayerLaplacePosterior(Posterior):
         if covariance.shape != (n, n):
             raise ValueError(f"covariance must be ({n}, {n}), got {tuple(covariance.shape)}")
         self.model = model.eval()
-        self.covariance = covariance.to(model.dtype)
+        # float64 always: Σ's eigenvalues span many decades, and J Σ Jᵀ cancels in float32.
+        self.covariance = covariance.to(torch.float64)
         self.hyper = dict(hyper or {})
         self.force_rank = int(force_rank)
         self._set_basis()
@@ -101,10 +102,10 @@ class LastLayerLaplacePosterior(Posterior):
         covariance is Σ_{l≤k} λ_l (J_F u_l)(J_F u_l)ᵀ, a lower bound that keeps the largest
         (least constrained) directions and costs k + 1 rows in the backward pass.
         """
-        values, vectors = torch.linalg.eigh(self.covariance.double())
+        values, vectors = torch.linalg.eigh(self.covariance.double().cpu())
         order = torch.argsort(values, descending=True)
         k = self.force_rank or values.numel()
-        self._basis = (vectors[:, order[:k]] * values[order[:k]].clamp(min=0).sqrt()).to(self.covariance)
+        self._basis = vectors[:, order[:k]] * values[order[:k]].clamp(min=0).sqrt()
 
     @property
     def config(self) -> ModelConfig:
@@ -113,10 +114,12 @@ class LastLayerLaplacePosterior(Posterior):
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
         # The basis columns are u_l √λ_l, so Σ_l (J u_l √λ_l)(…)ᵀ = J Σ Jᵀ on the kept directions.
         out, jac_e, jac_f, jac_s = last_layer_jacobians(self.model, graph, compute_stress, edge_chunk, self._basis)
-        cov = self.covariance.to(jac_e.dtype)
-        energy_epi = torch.einsum("bp,pq,bq->b", jac_e, cov, jac_e).double()
-        forces_epi = torch.einsum("kni,knj->nij", jac_f, jac_f)
-        stress_var = torch.einsum("kbij,kbij->bij", jac_s, jac_s) if compute_stress else None
+        cov = self.covariance.to(jac_e.device)
+        jac_e = jac_e.double()
+        energy_epi = torch.einsum("bp,pq,bq->b", jac_e, cov, jac_e)
+        dtype = out[K.FORCES].dtype
+        forces_epi = torch.einsum("kni,knj->nij", jac_f.double(), jac_f.double()).to(dtype)
+        stress_var = torch.einsum("kbij,kbij->bij", jac_s.double(), jac_s.double()).to(dtype) if compute_stress else None
         return Prediction(
             energy=out[K.ENERGY],
             node_energy=out[K.NODE_ENERGY],
@@ -151,6 +154,6 @@ class LastLayerLaplacePosterior(Posterior):
             model.load_state_dict(self.model.state_dict())
             self.model = model
         self.model.to(device=device).eval()
-        self.covariance = self.covariance.to(device=device, dtype=self.model.dtype)
+        self.covariance = self.covariance.to(device=device)
         self._set_basis()
         return self

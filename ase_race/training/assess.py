@@ -58,7 +58,7 @@ def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device
         diag = lambda c: torch.diagonal(c, dim1=1, dim2=2).reshape(-1)  # noqa: E731
         trace = torch.diagonal(cov, dim1=1, dim2=2).sum(-1)
         graph_of_atom = batch.graph[K.BATCH]
-        max_std = torch.zeros(pred.energy.shape[0], dtype=torch.float64).scatter_reduce(
+        max_std = torch.zeros(pred.energy.shape[0], dtype=torch.float64, device=trace.device).scatter_reduce(
             0, graph_of_atom, trace.sqrt(), "amax", include_self=False
         )
         acc["er"].append(batch.ref["energy"].double()), acc["ep"].append(pred.energy.double())

@@ -45,7 +45,8 @@ def _relevant(config: dict) -> dict:
     """The training-config entries that must match for a checkpoint to be resumed."""
     method = config.get("method", "mve")
     ignored = tuple(p for m, prefixes in METHOD_PREFIXES.items() if m != method for p in prefixes)
-    ignored += ("members", "test_samples")  # used outside the training loop
+    # used outside the training loop (the Laplace fit comes after it)
+    ignored += ("members", "test_samples", "laplace_", "base_model")
     return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and not k.startswith(ignored)}
 
 
@@ -194,6 +195,9 @@ class Trainer:
         self.ivon_step, self.ivon_rng = data.get("ivon_step", 0), data.get("ivon_rng", self.ivon_rng)
         if self.method_is("ivon"):
             self.optimizer.current_step = self.ivon_step
+            for group in self.optimizer.param_groups:  # IVON keeps these in its param groups,
+                for key in ("hess", "momentum"):  # which load_state_dict does not move
+                    group[key] = group[key].to(self.device)
         if self.swag is not None:
             self.swag.load_state_dict(data["swag"])
         log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
@@ -244,6 +248,8 @@ class Trainer:
                 torch.cuda.manual_seed(int(torch.randint(2**62, (1,))))
             for _ in range(self.config.ivon_train_samples):
                 with self.optimizer.sampled_params(train=True):
+                    # IVON reads p.grad at the end of each sample: it must hold this sample's only.
+                    self.optimizer.zero_grad(set_to_none=False)
                     out = self.net(batch.graph, compute_forces=True, create_graph=True)
                     loss, parts = compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
                     if torch.isfinite(loss):
@@ -256,11 +262,12 @@ class Trainer:
                         self.skipped_samples += 1
                         for p in self.model.parameters():
                             p.grad = torch.zeros_like(p)
-                losses.append(loss.detach())
+                if torch.isfinite(loss):
+                    losses.append(loss.detach())
             self.ivon_rng = torch.get_rng_state()
         self.optimizer.step()
         self.ivon_step = self.optimizer.current_step
-        return torch.stack(losses).mean(), parts
+        return (torch.stack(losses).mean() if losses else loss.detach()), parts
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -323,13 +330,13 @@ class Trainer:
     def _end_epoch(self, train_loss: float, elapsed: float) -> None:
         s = self.state
         metrics = self.validate()
-        swag_on = self.swag is not None and s.epoch >= self.config.swag_start_epoch
+        swag_on = self.swag is not None and s.epoch + 1 >= self.config.swag_start_epoch
         if swag_on:
-            if self.config.swag_lr:
+            if s.epoch >= self.config.swag_start_epoch and (s.epoch - self.config.swag_start_epoch) % self.config.swag_interval == 0:
+                self.swag.collect(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
+            if self.config.swag_lr:  # constant from the start epoch on (set before it trains)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.config.swag_lr
-            if (s.epoch - self.config.swag_start_epoch) % self.config.swag_interval == 0:
-                self.swag.collect(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
         elif s.epoch >= self.config.warmup_epochs:
             # During the mean-only warm-up the variance heads are untrained, so the validation
             # NLL says nothing about progress; it must not decay the learning rate.

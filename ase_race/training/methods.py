@@ -113,7 +113,9 @@ def fit_laplace(config, model_config, train_set, valid_set, on_step=None) -> Fit
             return None
         model, summary = fitted.posterior.model, dict(fitted.summary)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model.config.species != model_config.species:
+    if (model.config.species, model.config.r_max, model.config.dtype) != (
+        model_config.species, model_config.r_max, model_config.dtype
+    ):  # a base model built differently from the data's config: its own graphs
         from .batches import GraphDataset
 
         train_set = GraphDataset(train_set.frames, model.config.species, model.config.r_max, model.dtype)
