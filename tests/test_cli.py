@@ -79,6 +79,6 @@ def test_md_with_fallback_collects_reference_frames(tmp_path):
     proc = ase_race("md", "--model", FIXTURE, "--steps", "10", "--interval", "5", "--output", str(out),
                     "--fallback", "emt", "--fallback-threshold", "0", "--fallback-budget", "3")
     assert proc.returncode == 0, proc.stderr
-    assert "fallback: 3 reference calls (0 failed) in 11 evaluations" in proc.stdout
+    assert "fallback: 3 reference calls (0 failed) in 11 evaluations, 0 retrains" in proc.stdout
     frames = read(out / "fallback.extxyz", ":")
     assert len(frames) == 3 and all("REF_energy" in f.info and "REF_forces" in f.arrays for f in frames)

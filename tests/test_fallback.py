@@ -173,3 +173,25 @@ def test_reopened_dataset_recognises_every_frame_it_holds(tmp_path):
     assert all(store.append(f) for f in frames)
     reopened = LabelledFrames(tmp_path / "d.extxyz")
     assert len(reopened) == 60 and not any(reopened.append(f) for f in frames)
+
+
+def test_retraining_moves_the_model_towards_the_reference(model):
+    from ase_race.training.finetune import retrainer
+
+    frames = trajectory(4)
+
+    def error(calc, atoms):
+        a = atoms.copy()
+        a.calc = calc.model
+        ref = atoms.copy()
+        ref.calc = EMT()
+        return abs(a.get_potential_energy() - ref.get_potential_energy())
+
+    calc = FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2, retrain=retrainer(epochs=60, lr=1e-2))
+    before = [error(calc, f) for f in frames[:2]]
+    run(calc, frames[:2])
+    assert calc.n_retrains == 1 and len(calc.collected) == 2
+    after = [error(calc, f) for f in frames[:2]]
+    assert sum(after) < 0.3 * sum(before)  # the model learnt the reference labels it collected
+    with pytest.raises(ValueError, match="retrain"):
+        FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2)

@@ -104,6 +104,11 @@ class FallbackCalculator(Calculator):
             prediction; ``retry`` tries ``retries`` more times, then behaves like ``model``;
             ``stop`` raises :class:`RaceError`. Never silent: failures are logged and counted.
         retries: extra attempts for ``retry``.
+        retrain_every: after every this many new reference frames, call ``retrain(posterior,
+            frames)`` (e.g. :func:`ase_race.training.finetune.fine_tune` with the collected
+            frames) and continue with the posterior it returns; 0 = never.
+        retrain: the retraining function; it receives the current posterior and the list of
+            collected ``ase.Atoms`` (with ``REF_energy``/``REF_forces``).
 
     Results are the model's properties, with ``energy``, ``free_energy`` and ``forces`` replaced
     by the reference's on reference steps; ``fallback_used`` (bool) says which.
@@ -120,6 +125,8 @@ class FallbackCalculator(Calculator):
         budget: int | None = None,
         on_failure: str = "model",
         retries: int = 1,
+        retrain_every: int = 0,
+        retrain=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -137,6 +144,11 @@ class FallbackCalculator(Calculator):
         self.budget = budget
         self.on_failure = on_failure
         self.retries = int(retries)
+        if retrain_every and retrain is None:
+            raise ValueError("retrain_every needs a retrain function")
+        self.retrain_every, self.retrain = int(retrain_every), retrain
+        self.collected: list[Atoms] = []  # reference frames of this run, for retraining
+        self.n_retrains = 0
         self.n_calls = 0  # calculate() calls
         self.n_reference = 0  # successful reference calls
         self.n_failures = 0
@@ -197,4 +209,19 @@ class FallbackCalculator(Calculator):
                                f"race_{self.quantity}": value})
             frame.arrays["REF_forces"] = forces
             self.frames.append(frame)
+        labelled = atoms.copy()
+        labelled.info["REF_energy"] = energy
+        labelled.arrays["REF_forces"] = forces
+        self.collected.append(labelled)
+        if self.retrain_every and len(self.collected) % self.retrain_every == 0:
+            self._retrain()
         return "reference"
+
+    def _retrain(self) -> None:
+        """Swap in the posterior returned by ``retrain`` (the model calculator keeps its settings)."""
+        posterior = self.retrain(self.model.posterior, list(self.collected))
+        self.model.posterior = posterior
+        self.model.bundle.posterior = posterior
+        self.model.reset()
+        self.n_retrains += 1
+        log.info("retrained on %d reference frames (retrain %d)", len(self.collected), self.n_retrains)

@@ -45,9 +45,15 @@ def make_calculator(args):
     if getattr(args, "fallback", None) is None:
         return calc
     dataset = args.fallback_dataset or str(Path(args.output) / "fallback.extxyz")
+    retrain = None
+    if args.fallback_retrain_every:
+        from ..training.finetune import retrainer
+
+        retrain = retrainer(epochs=args.fallback_retrain_epochs)
     return FallbackCalculator(
         calc, REFERENCES[args.fallback](), threshold=args.fallback_threshold, dataset=dataset,
         min_interval=args.fallback_min_interval, budget=args.fallback_budget,
+        retrain_every=args.fallback_retrain_every, retrain=retrain,
     )
 
 
@@ -79,6 +85,9 @@ def add_arguments(p) -> None:
     p.add_argument("--fallback-dataset", default=None, help="extxyz collecting the reference frames (default OUTPUT/fallback.extxyz)")
     p.add_argument("--fallback-min-interval", type=int, default=0, help="steps between reference calls")
     p.add_argument("--fallback-budget", type=int, default=None, help="at most this many reference calls")
+    p.add_argument("--fallback-retrain-every", type=int, default=0,
+                   help="fine-tune the model on the collected frames after every N reference calls (0: never)")
+    p.add_argument("--fallback-retrain-epochs", type=int, default=20, help="epochs of each fine-tune")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
@@ -148,8 +157,8 @@ def run(args) -> int:
         print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
     if getattr(atoms.calc, "n_reference", None) is not None:
         calc = atoms.calc
-        print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations; "
-              f"{len(calc.frames)} frames in {calc.frames.path}")
+        print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations, "
+              f"{calc.n_retrains} retrains; {len(calc.frames)} frames in {calc.frames.path}")
     _write_csv(log.rows, out / "uncertainty.csv")
     plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
     print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")

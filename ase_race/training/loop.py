@@ -75,6 +75,7 @@ class Trainer:
         model_config: the network to train (species, E0s, scale, shift already filled in).
         train, valid: datasets built in ``model_config.dtype``.
         on_step: optional callback ``f(trainer)`` after every optimiser step (tests use it).
+        initial_weights: a state_dict to start from instead of random weights (fine-tuning).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Trainer:
         train: GraphDataset,
         valid: GraphDataset,
         on_step: Callable[["Trainer"], None] | None = None,
+        initial_weights: dict | None = None,
     ):
         self.config = config
         self.model_config = model_config
@@ -102,6 +104,8 @@ class Trainer:
                 )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.model = build_model(model_config, config.seed).to(self.device)
+        if initial_weights is not None:  # fine-tuning: start from trained weights
+            self.model.load_state_dict(initial_weights)
         self.eval_model = build_model(model_config).to(self.device)
         self.ivon_step = 0
         self.skipped_samples = 0
