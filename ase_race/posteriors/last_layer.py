@@ -95,6 +95,11 @@ class LastLayerLaplacePosterior(Posterior):
         self.force_rank = int(force_rank)
         self._set_basis()
 
+    def set_force_rank(self, k: int) -> None:
+        """Keep the k leading directions of Σ for forces and stress (0 = all: exact)."""
+        self.force_rank = int(k)
+        self._set_basis()
+
     def _set_basis(self) -> None:
         """Σ = U Λ Uᵀ; force (and stress) variances use the ``force_rank`` leading directions.
 
