@@ -231,7 +231,7 @@ class TrainConfig:
     time; 0 = the method's default: 30, 16, 16); ``swag_start_epoch``, ``swag_interval``
     (epochs between snapshots), ``swag_rank`` (deviation columns K), ``swag_lr`` (constant
     learning rate from the start epoch; 0 = keep the current one); ``ivon_lr``, ``ivon_ess``
-    (effective sample size; 0 = number of labels: Σ over training structures of 1 + 3n), ``ivon_hess_init``,
+    (effective sample size; 0 = the number of training atoms), ``ivon_hess_init``,
     ``ivon_beta2``, ``ivon_weight_decay``, ``ivon_train_samples`` (weight samples per step), ``ivon_clip_radius`` (bound on each
     weight's preconditioned step, IVON's guard against the large early gradients of force fields);
     ``laplace_subset`` (all: diagonal GGN over every weight with laplace-torch; last_layer: the

@@ -113,9 +113,10 @@ class Trainer:
         if config.method == "ivon":
             import ivon
 
-            # The default effective sample size counts labels, not structures: every structure
-            # gives one energy and 3n force components.
-            ess = config.ivon_ess or sum(1 + 3 * len(f.atoms) for f in train.frames)
+            # The default effective sample size is the number of atoms: the loss averages the
+            # force NLL over atoms (one 3D term each), and that term dominates the likelihood,
+            # so N_atoms × loss is (close to) the total negative log-likelihood.
+            ess = config.ivon_ess or sum(len(f.atoms) for f in train.frames)
             self.optimizer = ivon.IVON(
                 self.model.parameters(), lr=config.ivon_lr, ess=ess, hess_init=config.ivon_hess_init,
                 beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.ivon_train_samples,
