@@ -155,10 +155,12 @@ class RACECalculator(Calculator):
         """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats."""
         cal = self.calibration
         as_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-        e_ale = float(p.energy_var_aleatoric[0]) * cal.energy_var_scale
-        e_epi = float(p.energy_var_epistemic[0]) * cal.energy_var_scale
-        cov_ale = as_np(p.forces_cov_aleatoric) * cal.forces_var_scale
-        cov_epi = as_np(p.forces_cov_epistemic) * cal.forces_var_scale
+        e_ale, e_epi = float(p.energy_var_aleatoric[0]), float(p.energy_var_epistemic[0])
+        e_factor = float(cal.energy_factor(e_ale + e_epi))
+        e_ale, e_epi = e_ale * e_factor, e_epi * e_factor
+        cov_ale, cov_epi = as_np(p.forces_cov_aleatoric), as_np(p.forces_cov_epistemic)
+        f_factor = cal.forces_factor(cov_ale + cov_epi)[:, None, None]
+        cov_ale, cov_epi = cov_ale * f_factor, cov_epi * f_factor
         cov = cov_ale + cov_epi
         diag = lambda c: np.diagonal(c, axis1=1, axis2=2).copy()  # noqa: E731
         forces_var = diag(cov)

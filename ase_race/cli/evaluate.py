@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     c.add_argument("model", help="model file or shipped model name")
     c.add_argument("data", help="labelled validation structures")
     c.add_argument("-o", "--output", help="write the calibrated model here (default: overwrite MODEL)")
+    c.add_argument("--isotonic", action="store_true",
+                   help="also fit a monotone (isotonic) map of the variances on top of the scales")
     c.add_argument("--energy-key", default="REF_energy")
     c.add_argument("--forces-key", default="REF_forces")
     c.set_defaults(run=run_calibrate)
@@ -78,13 +80,19 @@ def run_evaluate(args) -> int:
 
 def run_calibrate(args) -> int:
     from ..modelfile import load_model, resolve_model_path, save_model
-    from ..training.assess import assess, fit_calibration, gather
+    from ..modelfile import Calibration
+    from ..training.assess import assess, fit_calibration, fit_isotonic, gather
 
     bundle = load_model(args.model)
-    data = gather(bundle, _frames(args.data, args))
-    before = assess(data)
-    bundle.calibration = fit_calibration(data, bundle.calibration)
-    after = assess(gather(bundle, _frames(args.data, args)))
+    frames = _frames(args.data, args)
+    before = assess(gather(bundle, frames))
+    # Refit from the raw variances, so that calibrating twice gives the same file.
+    old = bundle.calibration
+    bundle.calibration = Calibration(stress_var_scale=old.stress_var_scale)
+    bundle.calibration = fit_calibration(gather(bundle, frames), bundle.calibration)
+    if args.isotonic:
+        bundle.calibration = fit_isotonic(gather(bundle, frames), bundle.calibration)
+    after = assess(gather(bundle, frames))
     target = Path(args.output) if args.output else resolve_model_path(args.model)
     metadata = {**bundle.metadata, "calibration_data": str(args.data)}
     save_model(target, bundle.posterior, calibration=bundle.calibration, metadata=metadata)
@@ -92,5 +100,7 @@ def run_calibrate(args) -> int:
         b, a = before[name]["total"], after[name]["total"]
         print(f"{name}: NLL {b['nll']:.3f} → {a['nll']:.3f}, miscalibration area {b['miscalibration_area']:.4f} → "
               f"{a['miscalibration_area']:.4f}, ENCE {b['ence']:.3f} → {a['ence']:.3f}")
-    print(f"calibration {bundle.calibration.to_dict()} written to {target}")
+    cal = bundle.calibration
+    isotonic = ", isotonic maps" if cal.energy_isotonic is not None else ""
+    print(f"calibration: energy ×{cal.energy_var_scale:.4g}, forces ×{cal.forces_var_scale:.4g}{isotonic}; written to {target}")
     return 0

@@ -48,10 +48,12 @@ def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device
     f_var = {p: [] for p in PARTS}
     for batch in data.batches(batch_size, device):
         pred = post.predict(batch.graph)
-        ale_e = pred.energy_var_aleatoric.double() * cal.energy_var_scale
-        epi_e = pred.energy_var_epistemic.double() * cal.energy_var_scale
-        ale_f = pred.forces_cov_aleatoric.double() * cal.forces_var_scale
-        epi_f = pred.forces_cov_epistemic.double() * cal.forces_var_scale
+        ale_e, epi_e = pred.energy_var_aleatoric.double(), pred.energy_var_epistemic.double()
+        ale_f, epi_f = pred.forces_cov_aleatoric.double(), pred.forces_cov_epistemic.double()
+        # The calibration as the calculator applies it (scale, then isotonic map).
+        e_factor = torch.as_tensor(cal.energy_factor((ale_e + epi_e).cpu().numpy()), device=ale_e.device)
+        f_factor = torch.as_tensor(cal.forces_factor((ale_f + epi_f).cpu().numpy()), device=ale_f.device)[:, None, None]
+        ale_e, epi_e, ale_f, epi_f = ale_e * e_factor, epi_e * e_factor, ale_f * f_factor, epi_f * f_factor
         cov = ale_f + epi_f
         delta = (batch.ref["forces"].double() - pred.forces.double())
         maha = (delta.unsqueeze(1) @ torch.linalg.solve(cov, delta.unsqueeze(-1))).reshape(-1)
@@ -106,8 +108,8 @@ def fit_calibration(g: Gathered, current: Calibration | None = None) -> Calibrat
     """Variance scales minimising the NLL on ``g`` (which was gathered with ``current`` applied).
 
     Energy: s_E = mean(e²/σ²). Forces, with the full 3×3 covariance: s_F = mean(ΔFᵀΣ⁻¹ΔF)/3.
-    The result multiplies the current factors, so calibrating twice changes nothing the second
-    time.
+    The result multiplies the current factors (pass ``g`` gathered without any calibration to
+    get absolute factors; ``ase-race calibrate`` does).
     """
     current = current or Calibration()
     s_e = float(np.mean((g.energy_ref - g.energy_pred) ** 2 / g.energy_var["total"]))
@@ -116,6 +118,50 @@ def fit_calibration(g: Gathered, current: Calibration | None = None) -> Calibrat
         energy_var_scale=current.energy_var_scale * s_e,
         forces_var_scale=current.forces_var_scale * s_f,
         stress_var_scale=current.stress_var_scale,
+    )
+
+
+def isotonic_variance_map(variance, squared_error, max_points: int = 200) -> tuple:
+    """A monotone map predicted variance → calibrated variance, (x, y) with x increasing.
+
+    Isotonic (pool-adjacent-violators) regression of the squared errors on the predicted
+    variances: y is the non-decreasing function closest to E[e² | σ²] in least squares. Its
+    constant blocks are summarised by their mean σ² (x) and fitted value (y), thinned to at
+    most ``max_points``.
+    """
+    order = np.argsort(variance, kind="stable")
+    x, target = np.asarray(variance, dtype=np.float64)[order], np.asarray(squared_error, dtype=np.float64)[order]
+    values, weights, sums_x = [], [], []
+    for xi, yi in zip(x, target):  # pool adjacent violators
+        values.append(yi), weights.append(1.0), sums_x.append(xi)
+        while len(values) > 1 and values[-2] > values[-1]:
+            w = weights[-2] + weights[-1]
+            values[-2] = (values[-2] * weights[-2] + values[-1] * weights[-1]) / w
+            sums_x[-2] += sums_x[-1]
+            weights[-2] = w
+            del values[-1], weights[-1], sums_x[-1]
+    bx = np.array(sums_x) / np.array(weights)
+    by = np.maximum(np.array(values), 1e-30)
+    if bx.size > max_points:
+        keep = np.unique(np.linspace(0, bx.size - 1, max_points).round().astype(int))
+        bx, by = bx[keep], by[keep]
+    return tuple(bx.tolist()), tuple(by.tolist())
+
+
+def fit_isotonic(g: Gathered, current: Calibration) -> Calibration:
+    """``current`` plus isotonic maps for energies and forces fitted on ``g``.
+
+    ``g`` must have been gathered with ``current``'s scales and no isotonic maps applied.
+    Forces: per atom, the mean diagonal variance against the mean squared component error.
+    """
+    energy_err2 = (g.energy_ref - g.energy_pred) ** 2
+    f_err2 = ((g.forces_ref - g.forces_pred) ** 2).reshape(-1, 3).mean(axis=1)
+    f_var = g.forces_var["total"].reshape(-1, 3).mean(axis=1)
+    return Calibration(
+        energy_var_scale=current.energy_var_scale, forces_var_scale=current.forces_var_scale,
+        stress_var_scale=current.stress_var_scale,
+        energy_isotonic=isotonic_variance_map(g.energy_var["total"], energy_err2),
+        forces_isotonic=isotonic_variance_map(f_var, f_err2),
     )
 
 
