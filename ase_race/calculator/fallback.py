@@ -97,7 +97,8 @@ class FallbackCalculator(Calculator):
         quantity: ``max_forces_std`` (max over atoms of √trace of the force covariance) or
             ``energy_std``.
         dataset: extxyz file collecting the reference-labelled frames (``REF_energy``,
-            ``REF_forces``, ``fallback_reason``, and the triggering uncertainty); None: keep none.
+            ``REF_forces``, ``fallback_reason``, the triggering uncertainty, and the model's own
+            prediction ``race_energy`` / ``race_forces``); None: keep none.
         min_interval: at least this many calls between two reference calls.
         budget: at most this many reference calls in total (None: unlimited).
         on_failure: when the reference raises: ``model`` logs it and returns the model's
@@ -202,12 +203,14 @@ class FallbackCalculator(Calculator):
             return f"model (reference failed: {type(error).__name__})"
         self.n_reference += 1
         self.last_reference_call = self.n_calls
+        model_energy, model_forces = results[K.ENERGY], np.array(results[K.FORCES])
         results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
         if self.frames is not None:
             frame = atoms.copy()
             frame.info.update({"REF_energy": energy, "fallback_reason": f"{self.quantity}>{self.threshold:g}",
-                               f"race_{self.quantity}": value})
+                               f"race_{self.quantity}": value, "race_energy": model_energy, "call": self.n_calls})
             frame.arrays["REF_forces"] = forces
+            frame.arrays["race_forces"] = model_forces  # what the model predicted: its error there
             self.frames.append(frame)
         labelled = atoms.copy()
         labelled.info["REF_energy"] = energy
