@@ -12,7 +12,7 @@ import csv
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "ethanol-mve"
+DEFAULT_MODEL = "ethanol-ensemble"
 
 
 def _pyscf():
