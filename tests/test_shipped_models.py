@@ -44,7 +44,7 @@ def test_last_layer_laplace_epistemic_part_grows_off_the_training_data():
     eq, r13, _ = along_the_stretch("ethanol-llla")
     epi = [np.sqrt(r["forces_var_epistemic"].sum(axis=1).max()) for r in (eq, r13)]
     assert epi[0] > 0 and epi[1] > 2 * epi[0]
-    # The mean is the MVE network's.
+    # The mean is the MVE network's (float32 weights: the batched backward rounds differently).
     mve = along_the_stretch("ethanol-mve", (0.97,))[0]
-    assert eq["energy"] == pytest.approx(mve["energy"], abs=1e-9)
-    np.testing.assert_allclose(eq["forces"], mve["forces"], atol=1e-9)
+    assert eq["energy"] == pytest.approx(mve["energy"], abs=1e-6)
+    np.testing.assert_allclose(eq["forces"], mve["forces"], atol=1e-5)
