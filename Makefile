@@ -7,6 +7,7 @@ TORCH ?= torch==2.13.0
 LAPLACE := laplace-torch==0.3 backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 asdfghjkl==0.1a4
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install demo test benchmark clean
 
@@ -19,15 +20,20 @@ $(STAMP): setup.cfg pyproject.toml
 	# laplace-torch and BackPACK declare torchvision, whose wheel breaks the CPU torch build and
 	# which neither needs: install them without dependencies; their real ones are in setup.cfg.
 	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
+
+# The test extras (pytest, pyscf) only for the tests: the demo stays quick to install.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ase-race demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 benchmark: $(STAMP)
