@@ -1,5 +1,5 @@
 """``ase-race demo``: the README's main job — uncertainty-aware MD of ethanol with the shipped
-default model, the 10-member ensemble (Langevin, 500 K, 0.5 ps), writing into ``race_demo/``."""
+default model, the 10-member ensemble (Langevin, 500 K, 0.4 ps), writing into ``race_demo/``."""
 
 from __future__ import annotations
 
@@ -9,5 +9,5 @@ from . import md
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="Langevin MD of ethanol with the shipped model, reporting uncertainty")
     md.add_arguments(p)
-    # 1000 steps keep the demo (with installation) under two minutes on two cores.
-    p.set_defaults(run=md.run, output="race_demo", steps=1000)
+    # 800 steps keep the demo (with installation) under two minutes on two cores.
+    p.set_defaults(run=md.run, output="race_demo", steps=800)
