@@ -13,7 +13,6 @@ TEST_STAMP := $(VENV)/.installed-test
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-
 	# torch first, pinned: installing the package afterwards then keeps this build instead of
 	# pulling the newest torch with several GB of CUDA libraries.
 	$(BIN)/python -m pip install --quiet $(TORCH)
