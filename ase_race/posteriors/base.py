@@ -103,6 +103,19 @@ class Posterior(ABC):
         return TORCH_DTYPES[self.config.dtype]
 
 
+def rebuilt_in(model, dtype: torch.dtype | None, device=None):
+    """``model`` in ``dtype`` (rebuilt from its config, since the config names the dtype) and on
+    ``device``, in eval mode; the same object when the dtype already matches."""
+    from ..nn import TORCH_DTYPES, build_model
+
+    if dtype is not None and dtype != model.dtype:
+        name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+        new = build_model(model.config.replace(dtype=name))
+        new.load_state_dict(model.state_dict())
+        model = new
+    return model.to(device=device).eval()
+
+
 BUILT_IN = ("mve", "ensemble", "sampled", "last_layer")
 
 

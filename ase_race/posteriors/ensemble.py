@@ -8,8 +8,8 @@ import torch
 
 from ..config import ModelConfig
 from ..graph import AtomicGraph
-from ..nn import RACE, TORCH_DTYPES, build_model
-from .base import Posterior, Prediction
+from ..nn import RACE, build_model
+from .base import Posterior, Prediction, rebuilt_in
 from .mixture import mixture_prediction
 from .stacked import StackedModel, stack_parameters
 
@@ -92,15 +92,6 @@ class EnsemblePosterior(Posterior):
         return cls(members, aleatoric=bool(state.get("aleatoric", True)))
 
     def to(self, device=None, dtype=None) -> "EnsemblePosterior":
-        if dtype is not None and dtype != self.dtype:
-            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-            rebuilt = []
-            for m in self.members:
-                new = build_model(m.config.replace(dtype=name))
-                new.load_state_dict(m.state_dict())
-                rebuilt.append(new)
-            self.members = rebuilt
-        for m in self.members:
-            m.to(device=device).eval()
+        self.members = [rebuilt_in(m, dtype, device) for m in self.members]
         self._stacked = StackedModel(self.members[0], stack_parameters(self.members))
         return self

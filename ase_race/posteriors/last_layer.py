@@ -25,8 +25,8 @@ import torch
 from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
-from ..nn import RACE, TORCH_DTYPES, build_model
-from .base import Posterior, Prediction
+from ..nn import RACE, build_model
+from .base import Posterior, Prediction, rebuilt_in
 
 
 def last_layer_jacobians(
@@ -153,12 +153,7 @@ class LastLayerLaplacePosterior(Posterior):
         return cls(model, state["covariance"], hyper, force_rank=int(state.get("force_rank", 0)))
 
     def to(self, device=None, dtype=None) -> "LastLayerLaplacePosterior":
-        if dtype is not None and dtype != self.dtype:
-            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-            model = build_model(self.model.config.replace(dtype=name))
-            model.load_state_dict(self.model.state_dict())
-            self.model = model
-        self.model.to(device=device).eval()
+        self.model = rebuilt_in(self.model, dtype, device)
         self.covariance = self.covariance.to(device=device)
         self._set_basis()
         return self

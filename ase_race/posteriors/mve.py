@@ -9,8 +9,8 @@ import torch
 from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
-from ..nn import RACE, TORCH_DTYPES, build_model
-from .base import Posterior, Prediction
+from ..nn import RACE, build_model
+from .base import Posterior, Prediction, rebuilt_in
 
 
 class MVEPosterior(Posterior):
@@ -59,11 +59,5 @@ class MVEPosterior(Posterior):
         return cls(model)
 
     def to(self, device=None, dtype=None) -> "MVEPosterior":
-        if dtype is not None and dtype != self.dtype:
-            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-            model = build_model(self.model.config.replace(dtype=name))
-            model.load_state_dict(self.model.state_dict())
-            self.model = model
-        self.model.to(device=device)
-        self.model.eval()
+        self.model = rebuilt_in(self.model, dtype, device)
         return self

@@ -17,8 +17,8 @@ import torch
 
 from ..config import ModelConfig
 from ..graph import AtomicGraph
-from ..nn import RACE, TORCH_DTYPES, build_model
-from .base import Posterior, Prediction
+from ..nn import RACE, build_model
+from .base import Posterior, Prediction, rebuilt_in
 from .mixture import mixture_prediction
 from .stacked import StackedModel, flat_parameters, unflatten
 
@@ -83,12 +83,7 @@ class SampledPosterior(Posterior):
         return model
 
     def to(self, device=None, dtype=None) -> "SampledPosterior":
-        if dtype is not None and dtype != self.dtype:
-            name = {v: k for k, v in TORCH_DTYPES.items()}[dtype]
-            model = build_model(self.model.config.replace(dtype=name))
-            model.load_state_dict(self.model.state_dict())
-            self.model = model
-        self.model.to(device=device).eval()
+        self.model = rebuilt_in(self.model, dtype, device)
         self._stacked = None
         return self
 
