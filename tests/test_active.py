@@ -62,3 +62,103 @@ def test_select_command(tmp_path):
     chosen = read(out, ":")
     scores = acquisition_scores(RACECalculator(model), pool, "energy-std")
     assert [a.info["pool_index"] for a in chosen] == list(np.argsort(-scores)[:2])
+
+
+def _emt_pool(n: int):
+    """Rattled ethanol-sized CHO molecules; EMT labels them in microseconds."""
+    pool = []
+    for k in range(n):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.03 + 0.01 * k, seed=k)
+        pool.append(atoms)
+    return pool
+
+
+def _tiny_config(tmp_path):
+    from ase_race.config import TrainConfig
+
+    return TrainConfig(method="ensemble", members=2, preset="tiny", max_epochs=2, valid_fraction=1, e0s="fit",
+                       batch_size=2, model={"dtype": "float64"}, loss="nll_jef")
+
+
+def test_active_learning_loop_prospective_resumes_and_follows_the_acquisition(tmp_path):
+    from ase.calculators.emt import EMT
+    from ase.io import read
+
+    from ase_race.active.loop import active_learn, label_with, read_curve
+    from ase_race.data import read_frames
+
+    pool = _emt_pool(12)
+    calls = []
+    reference = label_with(EMT())
+
+    def label(i):
+        calls.append(i)
+        return reference(pool[i])
+
+    test = read_frames_from([reference(a) for a in _emt_pool(3)], tmp_path)
+    out = tmp_path / "al"
+    curve = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test, seed=4)
+
+    import json
+
+    state = json.loads((out / "state.json").read_text())
+    rounds = state["labelled"]
+    assert [len(r) for r in rounds] == [3, 5, 8]
+    for small, big in zip(rounds, rounds[1:]):
+        assert set(small) < set(big)  # nested, nothing dropped
+    assert sorted(calls) == rounds[-1]  # each structure labelled exactly once
+    # Round 1's new structures are the top BALD-F scores of round 0's model over the rest.
+    rest = [i for i in range(12) if i not in rounds[0]]
+    scores = acquisition_scores(RACECalculator(str(out / "round_00" / "model.pt")), [pool[i] for i in rest], "bald-f")
+    assert sorted(set(rounds[1]) - set(rounds[0])) == sorted(rest[j] for j in select(scores, 2))
+    # The labels are the reference's, and the frames remember where they came from.
+    for atoms in read(out / "round_02" / "train.extxyz", ":"):
+        i = atoms.info["pool_index"]
+        expect = pool[i].copy()
+        expect.calc = EMT()
+        assert atoms.info["REF_energy"] == pytest.approx(expect.get_potential_energy(), abs=1e-9)
+        assert np.allclose(atoms.arrays["REF_forces"], expect.get_forces(), atol=1e-9)
+    # The curve is on disk, one row per round, with test errors.
+    written = read_curve(out / "learning_curve.csv")
+    assert [r.n_train for r in written] == [3, 5, 8] and all(np.isfinite(r.forces_mae) for r in written)
+    assert written[-1].forces_mae == pytest.approx(curve[-1].forces_mae)
+    # A rerun resumes: no new labels, no retraining, the same curve.
+    stamp = (out / "round_02" / "model.pt").stat().st_mtime_ns
+    calls.clear()
+    again = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test, seed=4)
+    assert calls == [] and (out / "round_02" / "model.pt").stat().st_mtime_ns == stamp
+    assert [r.forces_mae for r in again] == pytest.approx([r.forces_mae for r in curve])
+    with pytest.raises(Exception, match="strategy 'bald-f'"):
+        active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "random", out, seed=4)
+    with pytest.raises(Exception, match="increasing"):
+        active_learn(pool, label, _tiny_config(tmp_path), [5, 3], "random", tmp_path / "x")
+
+
+def read_frames_from(atoms_list, tmp_path):
+    from ase.io import write
+
+    from ase_race.data import read_frames
+
+    write(tmp_path / "test.extxyz", atoms_list)
+    return read_frames(tmp_path / "test.extxyz")
+
+
+def test_active_learn_command_retrospective(tmp_path, capsys):
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    from ase_race.active.loop import label_with
+    from ase_race.cli.main import main
+
+    labeller = label_with(EMT())
+    write(tmp_path / "pool.extxyz", [labeller(a) for a in _emt_pool(8)])
+    out = tmp_path / "al"
+    rc = main(["active-learn", str(tmp_path / "pool.extxyz"), "method=ensemble", "members=2", "preset=tiny",
+               "max_epochs=1", "valid_fraction=1", "e0s=fit", "batch_size=2", "--sizes", "3,5",
+               "--strategy", "energy-std", "--test", str(tmp_path / "pool.extxyz"), "-o", str(out)])
+    assert rc == 0
+    assert (out / "learning_curve.png").stat().st_size > 0
+    lines = (out / "learning_curve.csv").read_text().splitlines()
+    assert lines[0].startswith("round,n_train") and len(lines) == 3
+    assert "labelled" in capsys.readouterr().out

@@ -72,6 +72,14 @@ def test_relax_reports_whether_the_minimum_is_trustworthy(tmp_path):
     # An fmax below the force std: the verdict says the minimum is within the noise.
     proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1e-9", "--steps", "3", "--output", str(out))
     assert "minimum trustworthy: no" in proc.stdout
+    # With a reference, the model's converged minimum is checked by the reference: EMT's
+    # forces on the start structure lie between these two thresholds.
+    for fmax, verdict in (("1000", "yes (verified"), ("0.05", "no (the reference's largest force")):
+        proc = ase_race("relax", "--model", FIXTURE, "--fmax", fmax, "--steps", "0", "--fallback", "emt",
+                        "--fallback-threshold", "1e9", "--output", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert "verification: reference energy" in proc.stdout
+        assert "minimum trustworthy: " + verdict in proc.stdout
 
 
 def test_md_with_fallback_collects_reference_frames(tmp_path):

@@ -62,6 +62,14 @@ def test_isolated_and_fitted_e0s(tmp_path):
     assert isolated_atom_e0s(frames, [1, 8]) == {1: -13.6, 8: -2042.0}
     with pytest.raises(DataError, match=r"no isolated-atom energy for atomic numbers \[6\]"):
         isolated_atom_e0s(frames, [1, 6, 8])
+    # An E0 file without config_type (3BPA's iso_atoms.xyz): unmarked single atoms count only
+    # when the caller says every one-atom frame is an isolated atom.
+    unmarked = [Atoms(s, info={"REF_energy": e}) for s, e in (("H", -13.6), ("O", -2042.0))]
+    write(tmp_path / "unmarked.extxyz", unmarked)
+    unmarked = read_frames(tmp_path / "unmarked.extxyz", require=("energy",))
+    with pytest.raises(DataError, match="no isolated-atom energy"):
+        isolated_atom_e0s(unmarked, [1, 8])
+    assert isolated_atom_e0s(unmarked, [1, 8], every_single_atom=True) == {1: -13.6, 8: -2042.0}
     # Exact least squares: energies built from E0(H) = -1, E0(O) = -5.
     mols = []
     for formula, e in (("H2O", -7.0), ("H2O2", -12.0), ("H2", -2.0)):

@@ -195,3 +195,22 @@ def test_retraining_moves_the_model_towards_the_reference(model):
     assert sum(after) < 0.3 * sum(before)  # the model learnt the reference labels it collected
     with pytest.raises(ValueError, match="retrain"):
         FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2)
+
+
+def test_verify_checks_a_geometry_with_the_reference(model, tmp_path):
+    atoms = molecule("CH3CH2OH")
+    emt = atoms.copy()
+    emt.calc = EMT()
+    ref_fmax = float(np.sqrt((emt.get_forces() ** 2).sum(axis=1)).max())
+    calc = FallbackCalculator(model, EMT(), threshold=np.inf, dataset=tmp_path / "ref.extxyz", budget=0)
+    below, above = calc.verify(atoms, fmax=0.5 * ref_fmax), calc.verify(atoms, fmax=2 * ref_fmax)
+    # A deliberate check: called although the budget is 0 and nothing is uncertain.
+    assert below.reference_fmax == pytest.approx(ref_fmax) and not below.converged and above.converged
+    assert below.reference_energy == pytest.approx(emt.get_potential_energy())
+    model_atoms = atoms.copy()
+    model_atoms.calc = calc.model
+    assert below.max_force_error == pytest.approx(np.abs(model_atoms.get_forces() - emt.get_forces()).max())
+    frames = read(tmp_path / "ref.extxyz", ":")
+    assert len(frames) == 1 and frames[0].info["fallback_reason"] == "verify"  # same structure: stored once
+    with pytest.raises(RaceError, match="while verifying the final geometry"):
+        FallbackCalculator(model, Flaky(fail_on=[1]), threshold=np.inf).verify(atoms, fmax=1.0)

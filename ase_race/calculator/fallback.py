@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,17 @@ class LabelledFrames:
         os.replace(tmp, self.path)
         self._keys.add(key)
         return True
+
+
+@dataclass
+class Verification:
+    """The reference's verdict on a geometry (eV, eV/Å)."""
+
+    reference_energy: float
+    model_energy: float
+    reference_fmax: float  # largest |F| over atoms from the reference
+    max_force_error: float  # largest |F_model − F_reference| component
+    converged: bool  # reference_fmax ≤ the requested fmax
 
 
 class FallbackCalculator(Calculator):
@@ -183,31 +195,41 @@ class FallbackCalculator(Calculator):
         refused = self._allowed()
         if refused:
             return f"model ({refused})"
+        try:
+            energy, forces = self._call_reference(atoms)
+        except Exception as error:  # every attempt failed; the policy decides
+            self.last_reference_call = self.n_calls  # do not hammer a failing reference
+            if self.on_failure == "stop":
+                raise RaceError(f"the reference calculator failed at call {self.n_calls}: {error}") from error
+            return f"model (reference failed: {type(error).__name__})"
+        self.last_reference_call = self.n_calls
+        model_energy, model_forces = results[K.ENERGY], np.array(results[K.FORCES])
+        results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
+        self._record(atoms, energy, forces, f"{self.quantity}>{self.threshold:g}", value, model_energy, model_forces)
+        return "reference"
+
+    def _call_reference(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        """(energy, forces) from the reference, with the retry policy; re-raises the last failure."""
         attempts = 1 + (self.retries if self.on_failure == "retry" else 0)
-        error = None
-        for _ in range(attempts):
+        for attempt in range(attempts):
             try:
                 ref_atoms = atoms.copy()
                 ref_atoms.calc = self.reference
                 energy = float(ref_atoms.get_potential_energy())
                 forces = np.array(ref_atoms.get_forces(), dtype=np.float64)
-                break
+                self.n_reference += 1
+                return energy, forces
             except Exception as exc:  # any reference failure is handled by the policy
-                error = exc
                 self.n_failures += 1
                 log.warning("reference calculation failed (%s: %s)", type(exc).__name__, exc)
-        else:
-            self.last_reference_call = self.n_calls  # do not hammer a failing reference
-            if self.on_failure == "stop":
-                raise RaceError(f"the reference calculator failed at call {self.n_calls}: {error}") from error
-            return f"model (reference failed: {type(error).__name__})"
-        self.n_reference += 1
-        self.last_reference_call = self.n_calls
-        model_energy, model_forces = results[K.ENERGY], np.array(results[K.FORCES])
-        results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
+                if attempt == attempts - 1:
+                    raise
+
+    def _record(self, atoms, energy, forces, reason, value, model_energy, model_forces) -> None:
+        """Append the labelled frame to the dataset and to the frames kept for retraining."""
         if self.frames is not None:
             frame = atoms.copy()
-            frame.info.update({"REF_energy": energy, "fallback_reason": f"{self.quantity}>{self.threshold:g}",
+            frame.info.update({"REF_energy": energy, "fallback_reason": reason,
                                f"race_{self.quantity}": value, "race_energy": model_energy, "call": self.n_calls})
             frame.arrays["REF_forces"] = forces
             frame.arrays["race_forces"] = model_forces  # what the model predicted: its error there
@@ -218,7 +240,31 @@ class FallbackCalculator(Calculator):
         self.collected.append(labelled)
         if self.retrain_every and len(self.collected) % self.retrain_every == 0:
             self._retrain()
-        return "reference"
+
+    def verify(self, atoms: Atoms, fmax: float) -> "Verification":
+        """Check a converged geometry with the reference before it is called a minimum.
+
+        Calls the reference at ``atoms`` whatever the uncertainty, spacing or budget (a
+        deliberate check), appends the frame to the dataset with reason ``verify``, and returns
+        the reference's largest atomic force against ``fmax`` together with the model's errors
+        there. A reference that fails raises :class:`RaceError`: an unverified minimum must
+        not pass as a verified one.
+        """
+        model_atoms = atoms.copy()
+        model_atoms.calc = self.model
+        model_energy = float(model_atoms.get_potential_energy())
+        model_forces = np.array(model_atoms.get_forces())
+        value = float(self.model.results[self.quantity])
+        try:
+            energy, forces = self._call_reference(atoms)
+        except Exception as error:
+            raise RaceError(f"the reference calculator failed while verifying the final geometry: {error}") from error
+        self._record(atoms, energy, forces, "verify", value, model_energy, model_forces)
+        ref_fmax = float(np.sqrt((forces**2).sum(axis=1)).max())
+        return Verification(
+            reference_energy=energy, model_energy=model_energy, reference_fmax=ref_fmax,
+            max_force_error=float(np.abs(model_forces - forces).max()), converged=ref_fmax <= fmax,
+        )
 
     def _retrain(self) -> None:
         """Swap in the posterior returned by ``retrain`` (the model calculator keeps its settings)."""

@@ -79,6 +79,14 @@ def add_arguments(p) -> None:
     p.add_argument("--stop-above", type=float, default=None,
                    help="stop at the first step whose --stop-quantity exceeds this (eV/Å or eV)")
     p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"])
+    add_fallback_arguments(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
+
+
+def add_fallback_arguments(p) -> None:
+    """The --fallback options, shared by ``md`` and ``relax``."""
     p.add_argument("--fallback", choices=sorted(REFERENCES), default=None,
                    help="reference calculator called where the model is unsure (pyscf: PBE/def2-SVP)")
     p.add_argument("--fallback-threshold", type=float, default=0.5, help="max_forces_std (eV/Å) above which to call it")
@@ -88,9 +96,6 @@ def add_arguments(p) -> None:
     p.add_argument("--fallback-retrain-every", type=int, default=0,
                    help="fine-tune the model on the collected frames after every N reference calls (0: never)")
     p.add_argument("--fallback-retrain-epochs", type=int, default=20, help="epochs of each fine-tune")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
 
 
 def load_structure(path: str | None):

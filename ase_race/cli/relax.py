@@ -7,11 +7,19 @@ uncertainties (``race_*`` keys), optionally stops when the model becomes unsure
 the optimiser converged, no step crossed the stop threshold, and ``max_forces_std`` ≤ ``fmax``:
 the model knows the forces better than the convergence criterion asks, so "forces below fmax"
 is a statement about the potential-energy surface rather than about noise.
+
+With ``--fallback NAME`` the reference is called wherever the model is unsure during the
+optimisation (the options of ``ase-race md``), and the final geometry is verified with it
+before convergence is declared (``--no-verify`` skips that): the minimum then counts as
+trustworthy only if the reference's own largest force is at most ``fmax``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+from .md import add_fallback_arguments
 
 
 def add_parser(sub) -> None:
@@ -23,6 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps")
     p.add_argument("--stop-above", type=float, default=None, help="stop when max_forces_std exceeds this (eV/Å)")
     p.add_argument("--output", default="race_relax", help="output folder")
+    add_fallback_arguments(p)
+    p.add_argument("--no-verify", action="store_true",
+                   help="with --fallback: do not check the final geometry with the reference")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.set_defaults(run=run)
@@ -31,13 +42,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ase.optimize import BFGS, FIRE
 
-    from ..calculator import RACECalculator, UncertaintyExceeded, UncertaintyStop, UncertaintyWriter
-    from .md import load_structure
+    from ..calculator import FallbackCalculator, UncertaintyExceeded, UncertaintyStop, UncertaintyWriter
+    from .md import load_structure, make_calculator
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     atoms = load_structure(args.structure)
-    atoms.calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    atoms.calc = make_calculator(args)
+    fallback = atoms.calc if isinstance(atoms.calc, FallbackCalculator) else None
     optimizer = {"bfgs": BFGS, "fire": FIRE}[args.optimizer](atoms, logfile=None)
     trajectory = out / "trajectory.extxyz"
     optimizer.attach(UncertaintyWriter(atoms, str(trajectory)), interval=1)
@@ -60,6 +72,10 @@ def run(args) -> int:
     r = atoms.calc.results
     fmax = float((atoms.get_forces() ** 2).sum(axis=1).max() ** 0.5)
     trusted = converged and stopped is None and r["max_forces_std"] <= args.fmax
+    verification = None
+    if fallback is not None and converged and not args.no_verify:
+        verification = fallback.verify(atoms, args.fmax)
+        trusted = verification.converged
     print(f"final energy {r['energy']:.5f} ± {r['energy_std']:.5f} eV (epistemic std "
           f"{r['energy_var_epistemic'] ** 0.5:.5f} eV) after {optimizer.nsteps} steps; residual fmax {fmax:.4f} eV/Å")
     print(f"max_forces_std {r['max_forces_std']:.4f} eV/Å against fmax {args.fmax:g} eV/Å")
@@ -67,9 +83,19 @@ def run(args) -> int:
         reason = f"stopped: {stopped}"
     elif not converged:
         reason = f"not converged in {args.steps} steps"
+    elif verification is not None and not verification.converged:
+        reason = f"the reference's largest force is {verification.reference_fmax:.4f} eV/Å > fmax"
+    elif verification is not None:
+        reason = f"verified: the reference's largest force is {verification.reference_fmax:.4f} eV/Å ≤ fmax"
     elif not trusted:
         reason = "the force uncertainty exceeds fmax: the minimum is within the model's noise"
     else:
         reason = "converged with forces known better than fmax"
+    if fallback is not None:
+        print(f"fallback: {fallback.n_reference} reference calls ({fallback.n_failures} failed) in "
+              f"{fallback.n_calls} evaluations")
+    if verification is not None:
+        print(f"verification: reference energy {verification.reference_energy:.5f} eV (model "
+              f"{verification.model_energy:.5f} eV), largest model force error {verification.max_force_error:.4f} eV/Å")
     print(f"minimum trustworthy: {'yes' if trusted else 'no'} ({reason}); trajectory {trajectory}")
     return 0

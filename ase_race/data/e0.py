@@ -11,11 +11,15 @@ from ..graph.neighbours import vesin_edges
 from .readers import Frame
 
 
-def isolated_atom_e0s(frames: Sequence[Frame], species: Sequence[int]) -> dict[int, float]:
-    """E0 per element from single-atom frames marked ``config_type=IsolatedAtom``."""
+def isolated_atom_e0s(frames: Sequence[Frame], species: Sequence[int], every_single_atom: bool = False) -> dict[int, float]:
+    """E0 per element from single-atom frames marked ``config_type=IsolatedAtom``.
+
+    ``every_single_atom`` takes every one-atom frame, marked or not: a file given as
+    ``e0s_file`` holds nothing else (3BPA's ``iso_atoms.xyz`` has no ``config_type``).
+    """
     e0s = {}
     for f in frames:
-        if f.is_isolated_atom:
+        if f.is_isolated_atom or (every_single_atom and len(f.atoms) == 1):
             if len(f.atoms) != 1:
                 raise DataError(f"{f.source}: an IsolatedAtom frame must hold one atom, not {len(f.atoms)}")
             e0s[int(f.atoms.numbers[0])] = float(f.energy)

@@ -30,8 +30,10 @@ def resolve_e0s(config: TrainConfig, frames, species) -> dict[int, float]:
             raise ConfigError(f"e0s lacks elements {[chemical_symbols[z] for z in missing]}")
         return {z: e0s[z] for z in species}
     if setting == "isolated":
-        source = read_frames(config.e0s_file, keys=_keys(config), require=("energy",)) if config.e0s_file else frames
-        return isolated_atom_e0s(source, species)
+        if config.e0s_file:
+            source = read_frames(config.e0s_file, keys=_keys(config), require=("energy",))
+            return isolated_atom_e0s(source, species, every_single_atom=True)
+        return isolated_atom_e0s(frames, species)
     if setting == "fit":
         return fit_e0s([f for f in frames if not f.is_isolated_atom], species)
     raise ConfigError(f"e0s must be 'isolated', 'fit' or a mapping element → eV, got {setting!r}")

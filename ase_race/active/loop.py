@@ -1,0 +1,270 @@
+"""The active-learning loop: train, score the pool, label the best, repeat (SPEC §8).
+
+Round k trains a posterior (the config's ``method``; BALD and the energy std need an epistemic
+one such as ``ensemble``) on the labelled set of size ``sizes[k]``, evaluates it on a test set
+if one is given, and, unless it is the last round, scores the rest of the pool with the
+acquisition function and labels the ``sizes[k+1] − sizes[k]`` best. The first labelled set is
+drawn at random (seeded), so every strategy starts from the same models.
+
+*Retrospective* learning takes the labels already in the pool (a benchmark of acquisition
+functions); *prospective* learning hands each chosen structure to a reference calculator
+(:class:`~ase.calculators.calculator.Calculator`) and labels it then.
+
+On disk, under ``out_dir``::
+
+    round_00/train.extxyz   labelled set of round 0 (REF_energy, REF_forces, pool_index)
+    round_00/model.pt       the posterior trained on it (plus its checkpoints)
+    state.json              labelled pool indices per round (written atomically)
+    learning_curve.csv      size, energy/force MAE and RMSE on the test set, wall time
+
+A killed loop resumes: finished rounds are read back, an unfinished training run resumes
+from its checkpoint, and labels already computed are not requested again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from ..config import TrainConfig
+from ..data import Frame
+from ..errors import ConfigError
+from ..modelfile import atomic_write_text
+from .acquisition import STRATEGIES, acquisition_scores, rdf_descriptor, select
+
+log = logging.getLogger("ase_race.active")
+
+CURVE_FIELDS = ("round", "n_train", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "wall_s")
+
+
+@dataclass
+class RoundResult:
+    """One point of the learning curve. Errors in eV and eV/Å (nan without a test set)."""
+
+    round: int
+    n_train: int
+    energy_mae: float
+    energy_rmse: float
+    forces_mae: float
+    forces_rmse: float
+    wall_s: float
+
+    def row(self) -> dict:
+        return {k: getattr(self, k) for k in CURVE_FIELDS}
+
+
+def label_with(reference) -> Callable[[Atoms], Atoms]:
+    """A labeller that calls ``reference`` (any ASE calculator) for energy and forces."""
+
+    def label(atoms: Atoms) -> Atoms:
+        work = atoms.copy()
+        work.calc = reference
+        energy = float(work.get_potential_energy())
+        forces = np.array(work.get_forces(), dtype=np.float64)
+        out = atoms.copy()
+        out.calc = None
+        out.info["REF_energy"] = energy
+        out.arrays["REF_forces"] = forces
+        return out
+
+    return label
+
+
+def label_from_pool(frames: Sequence[Frame]) -> Callable[[int], Atoms]:
+    """Retrospective labelling: the pool's own labels, stored as REF_energy / REF_forces."""
+
+    def label(index: int) -> Atoms:
+        f = frames[index]
+        out = f.atoms.copy()
+        out.calc = None
+        out.info["REF_energy"] = float(f.energy)
+        out.arrays["REF_forces"] = np.asarray(f.forces, dtype=np.float64)
+        return out
+
+    return label
+
+
+def epochs_for(n_train: int, structures_per_round: int, min_epochs: int) -> int:
+    """Epochs that show the model about ``structures_per_round`` structures (at least ``min_epochs``)."""
+    return max(min_epochs, math.ceil(structures_per_round / max(n_train, 1)))
+
+
+def active_learn(
+    pool: Sequence[Atoms],
+    label: Callable[[int], Atoms],
+    config: TrainConfig,
+    sizes: Sequence[int],
+    strategy: str,
+    out_dir: str | Path,
+    *,
+    test: Sequence[Frame] | None = None,
+    seed: int = 0,
+    diversity: float = 0.0,
+    structures_per_round: int = 0,
+    min_epochs: int = 10,
+    warm_start: bool = False,
+    warm_start_lr: float = 5e-3,
+) -> list[RoundResult]:
+    """Run the loop; returns the learning curve (also written to ``learning_curve.csv``).
+
+    Args:
+        pool: candidate structures (N); only their positions, numbers, cell and pbc are used
+            for scoring.
+        label: index into ``pool`` → the labelled structure (REF_energy, REF_forces);
+            :func:`label_from_pool` or ``lambda i: label_with(calc)(pool[i])``.
+        config: training settings for every round; its ``train_file``, ``output_dir`` and
+            ``model_name`` are set per round. Without ``valid_file`` each round's labelled set is
+            split by ``valid_fraction``.
+        sizes: labelled-set sizes, increasing, e.g. (10, 20, 50, 100, 200).
+        strategy: one of :data:`~ase_race.active.acquisition.STRATEGIES`.
+        test: labelled frames for the learning curve (optional).
+        seed: draws the initial set (and the scores of ``random``).
+        structures_per_round: > 0 sets ``max_epochs`` per round with :func:`epochs_for`, so
+            small sets get more epochs; 0 keeps the config's ``max_epochs``.
+        warm_start: rounds after the first fine-tune the previous round's posterior on the
+            new labelled set (:func:`~ase_race.training.finetune.fine_tune`, learning rate
+            ``warm_start_lr``, the same number of epochs) instead of training from scratch:
+            much cheaper, and the usual practice when labels are expensive. The model's
+            normalisation (E0s, scale, shift) then stays that of round 0.
+    """
+    from ..calculator import RACECalculator
+    from ..modelfile import load_model
+    from ..training.api import train
+    from ..training.assess import gather
+
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    sizes = [int(s) for s in sizes]
+    if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"sizes must be positive and increasing, got {sizes}")
+    if sizes[-1] > len(pool):
+        raise ConfigError(f"the largest size ({sizes[-1]}) exceeds the pool ({len(pool)} structures)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if state and (state.get("strategy"), state.get("seed"), state.get("pool_size")) != (strategy, seed, len(pool)):
+        raise ConfigError(f"{out} holds a run with strategy {state.get('strategy')!r}, seed {state.get('seed')}, "
+                          f"pool of {state.get('pool_size')}; use another output folder")
+    state.update(strategy=strategy, seed=seed, pool_size=len(pool), sizes=sizes)
+    rounds: list[list[int]] = state.setdefault("labelled", [])
+    if not rounds:
+        rounds.append(sorted(np.random.default_rng(seed).permutation(len(pool))[: sizes[0]].tolist()))
+        atomic_write_text(state_path, json.dumps(state, indent=1))
+    descriptors = np.stack([rdf_descriptor(a) for a in pool]) if diversity > 0 else None
+
+    curve: list[RoundResult] = []
+    known: dict[int, Atoms] = {}  # pool index → labelled structure, from the rounds so far
+    for k, size in enumerate(sizes):
+        start = time.perf_counter()
+        labelled = rounds[k]
+        round_dir = out / f"round_{k:02d}"
+        round_dir.mkdir(exist_ok=True)
+        train_file = round_dir / "train.extxyz"
+        if not train_file.exists():  # label only what no earlier round labelled
+            frames = [known[i] if i in known else label(i) for i in labelled]
+            for i, atoms in zip(labelled, frames):
+                atoms.info["pool_index"] = int(i)
+            _atomic_write_extxyz(train_file, frames)
+        known.update({int(a.info["pool_index"]): a for a in read(train_file, ":")})
+        model_path = round_dir / "model.pt"
+        if not model_path.exists() and warm_start and k > 0:
+            _fine_tune_round(out / f"round_{k - 1:02d}" / "model.pt", train_file, model_path, config,
+                             epochs_for(size, structures_per_round, min_epochs) if structures_per_round else config.max_epochs,
+                             warm_start_lr)
+        if not model_path.exists():
+            round_config = config.replace(train_file=str(train_file), output_dir=str(round_dir), model_name="model",
+                                          energy_key="REF_energy", forces_key="REF_forces", test_file="")
+            if structures_per_round:
+                round_config = round_config.replace(max_epochs=epochs_for(size, structures_per_round, min_epochs))
+            train(round_config)
+        result = RoundResult(k, size, *(_test_errors(gather(load_model(model_path), list(test))) if test else (math.nan,) * 4),
+                             wall_s=time.perf_counter() - start)
+        if k + 1 < len(sizes) and len(rounds) == k + 1:
+            rest = np.setdiff1d(np.arange(len(pool)), labelled)
+            calc = None if strategy == "random" else RACECalculator(str(model_path))
+            scores = acquisition_scores(calc, [pool[i] for i in rest], strategy, seed=seed * 1000 + k)
+            chosen = select(scores, sizes[k + 1] - size, diversity, descriptors[rest] if descriptors is not None else None)
+            rounds.append(sorted(labelled + [int(rest[j]) for j in chosen]))
+            atomic_write_text(state_path, json.dumps(state, indent=1))
+        result.wall_s = time.perf_counter() - start
+        curve.append(result)
+        write_curve(curve, out / "learning_curve.csv")
+        log.info("round %d: %d labelled, E MAE %.4g eV, F MAE %.4g eV/Å", k, size, result.energy_mae, result.forces_mae)
+    return curve
+
+
+def _fine_tune_round(previous: Path, train_file: Path, model_path: Path, config: TrainConfig, epochs: int,
+                     lr: float) -> None:
+    from ..data import KeyMap, read_frames
+    from ..modelfile import load_model, save_model
+    from ..training.finetune import fine_tune
+
+    bundle = load_model(previous)
+    frames = read_frames(train_file, keys=KeyMap(energy="REF_energy", forces="REF_forces"))
+    tuned = fine_tune(bundle.posterior, frames, epochs=epochs, lr=lr, loss=config.loss,
+                      batch_size=config.batch_size, seed=config.seed)
+    metadata = {**bundle.metadata, "active_learning": {"fine_tuned_from": str(previous), "epochs": epochs, "lr": lr,
+                                                       "n_train": len(frames)}}
+    save_model(model_path, tuned, calibration=bundle.calibration, metadata=metadata)
+
+
+def _test_errors(g) -> tuple[float, float, float, float]:
+    e, f = g.energy_ref - g.energy_pred, g.forces_ref - g.forces_pred
+    return (float(np.mean(np.abs(e))), float(np.sqrt(np.mean(e**2))),
+            float(np.mean(np.abs(f))), float(np.sqrt(np.mean(f**2))))
+
+
+def _atomic_write_extxyz(path: Path, frames: list[Atoms]) -> None:
+    buffer = io.StringIO()
+    write(buffer, frames, format="extxyz")
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_curve(curve: Sequence[RoundResult], path: str | Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)
+    writer.writeheader()
+    for r in curve:
+        writer.writerow(r.row())
+    atomic_write_text(Path(path), buffer.getvalue())
+
+
+def read_curve(path: str | Path) -> list[RoundResult]:
+    with open(path) as fh:
+        return [RoundResult(int(r["round"]), int(r["n_train"]), *(float(r[k]) for k in CURVE_FIELDS[2:]))
+                for r in csv.DictReader(fh)]
+
+
+def plot_curves(curves: dict[str, Sequence[RoundResult]], path: str | Path, title: str = "") -> Path:
+    """Energy and force MAE against labelled-set size (log–log), one line per label."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.6))
+    axes = fig.subplots(1, 2)
+    for name, curve in curves.items():
+        n = [r.n_train for r in curve]
+        axes[0].plot(n, [1e3 * r.energy_mae for r in curve], "o-", label=name)
+        axes[1].plot(n, [1e3 * r.forces_mae for r in curve], "o-", label=name)
+    for ax, what in zip(axes, ("energy MAE (meV)", "force MAE (meV/Å)")):
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("labelled structures"), ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,205 @@
+"""Uncertainty quality of every posterior and loss on 3BPA (SPEC §9; issue 5's benchmark).
+
+    OMP_NUM_THREADS=1 python benchmarks/uq_3bpa.py [--preset tiny] [--epochs 40] [--members 5]
+        [--only ensemble:nll_jef,...] [--out runs/uq_3bpa]
+
+Train on 3BPA at 300 K (450 training / 50 validation frames of ``train_300K.xyz``, seeded
+split) with MVE, a deep ensemble, SWAG, IVON and the all-weight Laplace, each with the losses
+``mse``, ``nll_e`` and ``nll_jef`` where the pair makes sense (MVE needs a variance head, so
+no ``mse``). Test on the mixed-temperature file (300/600/1200 K MD) with the 31 frames that
+also occur in the 300 K file removed: most of it lies outside what a 300 K model has seen.
+
+Per row: energy and force MAE on the test set; Gaussian NLL (per structure, per force
+component); the Kuleshov calibration error over 21 levels before and after recalibration (a
+variance scale per property fitted on the 50 validation frames by minimising their NLL,
+then applied to the test set); Spearman ρ of |error| against σ; and the AUROC of the energy
+std and of ``max_forces_std`` for telling the test set from the in-distribution validation
+frames.
+
+Networks trained with ``mse`` have no trained variance head, so their rows use the
+epistemic variance alone (all such a model can offer). Cost is shared where the methods
+allow: the MVE row of a loss is member 0 of that loss's ensemble (the same seed and data,
+so the same network a separate MVE run would give), and the Laplace posterior is fitted
+around it. Every run resumes from its checkpoint if the script is interrupted, and rows
+whose model file exists are not retrained. Writes ``results.json``, ``table.md`` and per-row
+figures (reliability, |error| against σ, parity) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from ase_race.config import TrainConfig
+from ase_race.data import KeyMap, read_frames
+from ase_race.evaluation import auroc, calibration_error, gaussian_nll, spearman, variance_scale
+from ase_race.modelfile import Calibration, load_model, save_model
+from ase_race.posteriors import MVEPosterior
+from ase_race.training.api import prepare, train
+from ase_race.training.assess import figures, gather
+
+from _bpa import DATA, mixed_temperature_test_set
+
+METHODS = ("mve", "ensemble", "swag", "ivon", "laplace")
+LOSSES = ("mse", "nll_e", "nll_jef")
+KEYS = KeyMap(energy="energy", forces="forces")
+
+
+def rows(only: str | None) -> list[tuple[str, str]]:
+    pairs = [(m, l) for m in METHODS for l in LOSSES if not (m == "mve" and l == "mse")]
+    if only:
+        wanted = {tuple(x.split(":")) for x in only.split(",")}
+        pairs = [p for p in pairs if p in wanted]
+    return pairs
+
+
+def base_config(args, loss: str, out: Path) -> TrainConfig:
+    return TrainConfig(
+        train_file=str(DATA / "train_300K.xyz"), e0s_file=str(DATA / "iso_atoms.xyz"), e0s="isolated",
+        energy_key="energy", forces_key="forces", valid_fraction=50, preset=args.preset,
+        model={"dtype": "float32"}, loss=loss, energy_weight=1.0, forces_weight=1.0,
+        warmup_epochs=0 if loss == "mse" else args.warmup, batch_size=8, max_epochs=args.epochs, lr=0.01,
+        plateau_patience=8, members=args.members, seed=args.seed, output_dir=str(out), model_name="model",
+        checkpoint_every=500,
+    )
+
+
+def fit(method: str, loss: str, args, root: Path) -> tuple[Path, float]:
+    """Train (or reuse) the model file of one row. Returns (path, training wall seconds)."""
+    out = root / f"{method}_{loss}"
+    path = out / "model.pt"
+    if path.exists():
+        meta = load_model(path).metadata.get("training", {})
+        return path, float(meta.get("wall_time_s", 0.0))
+    start = time.perf_counter()
+    if method == "mve":  # member 0 of this loss's ensemble (same seed, same split)
+        ens_path, _ = fit("ensemble", loss, args, root)
+        ens = load_model(ens_path)
+        member = ens.posterior.members[0]
+        wall = _member_wall(root / f"ensemble_{loss}" / "member_00")
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(path, MVEPosterior(member), metadata={"training": {"from": str(ens_path), "wall_time_s": wall}})
+        return path, wall
+    config = base_config(args, loss, out).replace(method=method)
+    if method == "swag":
+        config = config.replace(
+            max_epochs=args.epochs + args.swag_epochs, swag_start_epoch=args.epochs, swag_rank=20, swag_lr=0.002,
+        )
+    if method == "laplace":
+        base = root / ("ensemble_mse/member_00" if loss == "mse" else f"mve_{loss}")
+        base_path, wall = fit("mve", loss, args, root) if loss != "mse" else (None, 0.0)
+        if loss == "mse":
+            ens_path, _ = fit("ensemble", "mse", args, root)
+            out.mkdir(parents=True, exist_ok=True)
+            base_path = out / "base.pt"
+            save_model(base_path, MVEPosterior(load_model(ens_path).posterior.members[0]))
+            wall = _member_wall(base)
+        config = config.replace(base_model=str(base_path))
+        start = time.perf_counter() - wall
+    path = train(config)
+    return path, time.perf_counter() - start
+
+
+def _member_wall(member_dir: Path) -> float:
+    import csv
+
+    with open(member_dir / "metrics.csv") as fh:
+        rows_ = list(csv.DictReader(fh))
+    return float(rows_[-1].get("elapsed_s", 0.0) or 0.0) if rows_ else 0.0
+
+
+def evaluate(path: Path, loss: str, valid_frames, test, figure_dir: Path) -> dict:
+    bundle = load_model(path)
+    bundle.calibration = Calibration()
+    v, t = gather(bundle, valid_frames), gather(bundle, test)
+    part = "epistemic" if loss == "mse" else "total"
+    row: dict = {"variance": part}
+    for name, gv, gt in (("energy", v.energy_var, t.energy_var), ("forces", v.forces_var, t.forces_var)):
+        ref_v, pred_v = (v.energy_ref, v.energy_pred) if name == "energy" else (v.forces_ref, v.forces_pred)
+        ref_t, pred_t = (t.energy_ref, t.energy_pred) if name == "energy" else (t.forces_ref, t.forces_pred)
+        floor = 1e-12
+        std_v, std_t = np.sqrt(gv[part] + floor), np.sqrt(gt[part] + floor)
+        err_v, err_t = ref_v - pred_v, ref_t - pred_t
+        scale = variance_scale(err_v, std_v)
+        row[name] = {
+            "mae": float(np.mean(np.abs(err_t))), "rmse": float(np.sqrt(np.mean(err_t**2))),
+            "nll": gaussian_nll(err_t, std_t), "nll_recal": gaussian_nll(err_t, std_t * np.sqrt(scale)),
+            "cal_err": calibration_error(err_t, std_t), "cal_err_recal": calibration_error(err_t, std_t * np.sqrt(scale)),
+            "scale": scale, "spearman": spearman(np.abs(err_t), std_t),
+        }
+    e_v, e_t = np.sqrt(v.energy_var[part]), np.sqrt(t.energy_var[part])
+    if part == "total":
+        f_v, f_t = v.max_forces_std, t.max_forces_std
+    else:  # max over atoms of the epistemic force std (trace of the 3×3 block), as the calculator's max_forces_std
+        f_v, f_t = _max_atom_std(v, part), _max_atom_std(t, part)
+    row["auroc"] = {"energy_std": auroc(e_v, e_t), "max_forces_std": auroc(f_v, f_t)}
+    figures(t, figure_dir, label=f"{path.parent.name} on mixed-T")
+    return row
+
+
+def _max_atom_std(g, part: str) -> np.ndarray:
+    per_atom = np.sqrt(g.forces_var[part].reshape(-1, 3).sum(axis=1))
+    edges = np.concatenate([[0], np.cumsum(g.n_atoms)])
+    return np.array([per_atom[a:b].max() for a, b in zip(edges[:-1], edges[1:])])
+
+
+def table(results: dict) -> str:
+    head = ("| method | loss | σ² | E MAE (meV) | F MAE (meV/Å) | NLL E | NLL F | cal.err E | cal.err E recal. "
+            "| cal.err F | cal.err F recal. | ρ E | ρ F | AUROC σ_E | AUROC max σ_F | train (CPU-min) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key, r in results.items():
+        method, loss = key.split(":")
+        e, f = r["energy"], r["forces"]
+        lines.append(
+            f"| {method} | {loss} | {r['variance'][:5]}. | {1e3 * e['mae']:.1f} | {1e3 * f['mae']:.1f} | "
+            f"{e['nll']:.2f} | {f['nll']:.2f} | {e['cal_err']:.3f} | {e['cal_err_recal']:.3f} | {f['cal_err']:.3f} | "
+            f"{f['cal_err_recal']:.3f} | {e['spearman']:.2f} | {f['spearman']:.2f} | {r['auroc']['energy_std']:.2f} | "
+            f"{r['auroc']['max_forces_std']:.2f} | {r['train_s'] / 60:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10, help="mean-only epochs before an NLL switches on")
+    p.add_argument("--swag-epochs", type=int, default=15, help="SWAG: extra epochs collecting snapshots")
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="comma-separated method:loss pairs")
+    p.add_argument("--out", default="runs/uq_3bpa")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    test = read_frames(mixed_temperature_test_set(root), keys=KEYS)
+    # The validation frames are the ones the training split held out (same seed, same rule).
+    _, _, valid_frames = prepare(base_config(args, "nll_jef", root))
+    results_path = root / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for method, loss in rows(args.only):
+        key = f"{method}:{loss}"
+        path, wall = fit(method, loss, args, root)
+        row = evaluate(path, loss, valid_frames, test, root / f"{method}_{loss}" / "figures")
+        row["train_s"] = wall
+        results[key] = row
+        results_path.write_text(json.dumps(results, indent=2))
+        print(f"{key}: E/F MAE {1e3 * row['energy']['mae']:.1f} meV / {1e3 * row['forces']['mae']:.1f} meV/Å, "
+              f"cal.err F {row['forces']['cal_err']:.3f} → {row['forces']['cal_err_recal']:.3f}, "
+              f"AUROC {row['auroc']['energy_std']:.2f} / {row['auroc']['max_forces_std']:.2f}", flush=True)
+    ordered = {f"{m}:{l}": results[f"{m}:{l}"] for m, l in rows(None) if f"{m}:{l}" in results}
+    text = table(ordered)
+    (root / "table.md").write_text(text + "\n")
+    print(f"\n3BPA, preset {args.preset}, {args.epochs} epochs, {args.members} ensemble members; test = mixed-T "
+          f"minus shared frames ({len(test)}), ID = the 50 validation frames\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
