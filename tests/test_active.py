@@ -162,3 +162,25 @@ def test_active_learn_command_retrospective(tmp_path, capsys):
     lines = (out / "learning_curve.csv").read_text().splitlines()
     assert lines[0].startswith("round,n_train") and len(lines) == 3
     assert "labelled" in capsys.readouterr().out
+
+
+def test_warm_start_fine_tunes_the_previous_round(tmp_path):
+    import torch
+    from ase.calculators.emt import EMT
+
+    from ase_race.active.loop import active_learn, label_with
+    from ase_race.modelfile import load_model
+
+    pool = _emt_pool(8)
+    reference = label_with(EMT())
+    out = tmp_path / "warm"
+    active_learn(pool, lambda i: reference(pool[i]), _tiny_config(tmp_path), [3, 5], "energy-std", out,
+                 seed=1, warm_start=True, structures_per_round=6, min_epochs=2)
+    first, second = load_model(out / "round_00" / "model.pt"), load_model(out / "round_01" / "model.pt")
+    assert second.metadata["active_learning"]["fine_tuned_from"].endswith("round_00/model.pt")
+    assert second.metadata["active_learning"]["n_train"] == 5 and second.metadata["active_learning"]["epochs"] == 2
+    assert not (out / "round_01" / "member_00").exists()  # no training from scratch
+    # Same architecture and normalisation, moved weights.
+    a, b = first.posterior.members[0], second.posterior.members[0]
+    assert a.config == b.config
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
