@@ -60,6 +60,15 @@ def test_evaluate_and_calibrate_commands(tmp_path, capsys):
     g = gather(bundle, read_frames(data))
     assert np.mean((g.energy_ref - g.energy_pred) ** 2 / g.energy_var["total"]) == pytest.approx(1.0, rel=1e-9)
     assert np.mean(g.forces_mahalanobis) / 3 == pytest.approx(1.0, rel=1e-9)
+    # evaluate shows before and after; only the variances change, and the NLL falls.
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(data), "-o", str(tmp_path / "ev2")]) == 0
+    text = capsys.readouterr().out
+    assert "before calibration" in text and "after calibration" in text
+    both = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    before, after = both["uncalibrated"]["forces"]["total"], both["forces"]["total"]
+    assert before["mae"] == pytest.approx(after["mae"]) and after["nll"] < before["nll"]
+    assert before == pytest.approx(metrics["forces"]["total"])  # the raw variances of the first evaluate
 
 
 def test_isotonic_map_hand_computed_and_applied_like_the_calculator():

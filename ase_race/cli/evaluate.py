@@ -61,12 +61,22 @@ def run_evaluate(args) -> int:
     bundle = load_model(args.model)
     if args.uncalibrated:
         bundle.calibration = Calibration()
-    data = gather(bundle, _frames(args.data, args))
+    frames = _frames(args.data, args)
+    data = gather(bundle, frames)
     ood = gather(bundle, _frames(args.ood, args)) if args.ood else None
     metrics = assess(data, ood)
     metrics["calibration"] = bundle.calibration.to_dict()
+    calibrated = bundle.calibration.to_dict() != Calibration().to_dict()
     print(f"{args.model} on {args.data}: {metrics['n_structures']} structures, {metrics['n_atoms']} atoms; "
           f"NLL per structure (energy) and per component (forces), nats")
+    if calibrated:  # before and after: the raw variances, then as the calculator reports them
+        raw = bundle.calibration
+        bundle.calibration = Calibration()
+        metrics["uncalibrated"] = {k: v for k, v in assess(gather(bundle, frames)).items() if k in ("energy", "forces")}
+        bundle.calibration = raw
+        print("before calibration (the networks' variances):")
+        print(_table(metrics["uncalibrated"]))
+        print("after calibration (stored in the model file; what the calculator reports):")
     print(_table(metrics))
     if ood is not None:
         print("OOD AUROC (" + args.ood + "): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["ood_auroc"].items()))
