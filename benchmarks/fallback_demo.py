@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from ase import units
 from ase.build import molecule
-from ase.io import read
+from ase.io import read, write
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
@@ -68,14 +68,15 @@ def run(args, retrain: bool, out: Path) -> dict:
     }
 
 
-def replay(posterior, control: dict, threshold: float, every: int = 5) -> dict:
+def replay(model: str, posterior, control: dict, threshold: float, every: int = 5) -> dict:
     """A posterior on the control run's trajectory (every ``every``-th step) and on its reference
     frames: the fraction of steps above the threshold and the force error against PySCF.
 
     Both models see the same structures here, so this isolates what retraining changed from
     where the two trajectories went.
     """
-    calc = RACECalculator(posterior)
+    calc = RACECalculator(model)  # the shipped file's calibration, as in the run
+    calc.posterior = calc.bundle.posterior = posterior
     atoms = molecule("CH3CH2OH")
     above = []
     for pos in control["positions"][::every]:
@@ -100,6 +101,12 @@ def report(r: dict, args) -> None:
         inside = [e for c, e in zip(r["calls"], r["errors"]) if lo < c <= hi + 1]
         print(f"{lo:5d}–{hi:5d} {int((r['std'][mask] > args.threshold).sum()):10d} {int(r['used'][mask].sum()):9d} "
               f"{np.median(r['std'][mask]):17.3f} {(np.mean(inside) if inside else float('nan')):23.3f}")
+
+
+def _with_positions(positions):
+    atoms = molecule("CH3CH2OH")
+    atoms.positions = positions
+    return atoms
 
 
 def plot(runs: list[dict], args, path: Path) -> None:
@@ -149,8 +156,14 @@ def main() -> None:
         report(r, args)
     if len(runs) == 2:
         retrained, control = runs
-        before = replay(RACECalculator(args.model).posterior, control, args.threshold)
-        after = replay(retrained["posterior"], control, args.threshold)
+        before = replay(args.model, RACECalculator(args.model).posterior, control, args.threshold)
+        after = replay(args.model, retrained["posterior"], control, args.threshold)
+        from ase_race.modelfile import load_model, save_model
+
+        shipped = load_model(args.model)
+        save_model(out / "retrained.pt", retrained["posterior"], calibration=shipped.calibration,
+                   metadata={"fallback_demo": vars(args)})
+        write(out / "control_trajectory.extxyz", [_with_positions(p) for p in control["positions"][::5]])
         print(f"\non the control run's trajectory (every 5th step) and its {len(control['frames'])} PySCF frames, "
               f"which the retrained model never saw:")
         print(f"{'model':>22} {'steps above threshold':>22} {'force MAE vs PySCF (eV/Å)':>26}")
