@@ -89,15 +89,8 @@ def fit(method: str, loss: str, args, root: Path) -> tuple[Path, float]:
         config = config.replace(
             max_epochs=args.epochs + args.swag_epochs, swag_start_epoch=args.epochs, swag_rank=20, swag_lr=0.002,
         )
-    if method == "laplace":
-        base = root / ("ensemble_mse/member_00" if loss == "mse" else f"mve_{loss}")
-        base_path, wall = fit("mve", loss, args, root) if loss != "mse" else (None, 0.0)
-        if loss == "mse":
-            ens_path, _ = fit("ensemble", "mse", args, root)
-            out.mkdir(parents=True, exist_ok=True)
-            base_path = out / "base.pt"
-            save_model(base_path, MVEPosterior(load_model(ens_path).posterior.members[0]))
-            wall = _member_wall(base)
+    if method == "laplace":  # around the single network of this loss (for mse too, though it is no row)
+        base_path, wall = fit("mve", loss, args, root)
         config = config.replace(base_model=str(base_path))
         start = time.perf_counter() - wall
     path = train(config)

@@ -40,6 +40,7 @@ from ase.io import read, write
 from ..config import TrainConfig
 from ..data import Frame
 from ..errors import ConfigError
+from ..evaluation import mae, rmse
 from ..modelfile import atomic_write_text
 from .acquisition import STRATEGIES, acquisition_scores, rdf_descriptor, select
 
@@ -189,11 +190,12 @@ def active_learn(
             if structures_per_round:
                 round_config = round_config.replace(max_epochs=epochs_for(size, structures_per_round, min_epochs))
             train(round_config)
-        result = RoundResult(k, size, *(_test_errors(gather(load_model(model_path), list(test))) if test else (math.nan,) * 4),
+        bundle = load_model(model_path)  # read once: the test errors and the acquisition share it
+        result = RoundResult(k, size, *(_test_errors(gather(bundle, list(test))) if test else (math.nan,) * 4),
                              wall_s=time.perf_counter() - start)
         if k + 1 < len(sizes) and len(rounds) == k + 1:
             rest = np.setdiff1d(np.arange(len(pool)), labelled)
-            calc = None if strategy == "random" else RACECalculator(str(model_path))
+            calc = None if strategy == "random" else RACECalculator(bundle)
             scores = acquisition_scores(calc, [pool[i] for i in rest], strategy, seed=seed * 1000 + k)
             chosen = select(scores, sizes[k + 1] - size, diversity, descriptors[rest] if descriptors is not None else None)
             rounds.append(sorted(labelled + [int(rest[j]) for j in chosen]))
@@ -221,9 +223,9 @@ def _fine_tune_round(previous: Path, train_file: Path, model_path: Path, config:
 
 
 def _test_errors(g) -> tuple[float, float, float, float]:
+    """(energy MAE, energy RMSE, force MAE, force RMSE) of a :class:`~ase_race.training.assess.Gathered`."""
     e, f = g.energy_ref - g.energy_pred, g.forces_ref - g.forces_pred
-    return (float(np.mean(np.abs(e))), float(np.sqrt(np.mean(e**2))),
-            float(np.mean(np.abs(f))), float(np.sqrt(np.mean(f**2))))
+    return mae(e), rmse(e), mae(f), rmse(f)
 
 
 def _atomic_write_extxyz(path: Path, frames: list[Atoms]) -> None:
