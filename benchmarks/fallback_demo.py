@@ -3,12 +3,16 @@ against the same run without retraining.
 
     OMP_NUM_THREADS=1 python benchmarks/fallback_demo.py [--model ethanol-ensemble] [--temperature 750]
         [--steps 3000] [--threshold 0.35] [--min-interval 20] [--budget 60] [--retrain-every 5]
-        [--retrain-epochs 10] [--no-baseline] [--out runs/fallback_demo]
+        [--retrain-epochs 10] [--replay-size 80] [--no-recalibrate] [--no-baseline]
+        [--data ../shared/data] [--out runs/fallback_demo]
 
 Langevin MD at a temperature above rMD17's 500 K with a FallbackCalculator: PBE/def2-SVP
 (PySCF, the rMD17 level of theory) is called whenever ``max_forces_std`` exceeds the
 threshold (at most every ``min-interval`` steps, at most ``budget`` times), and every
-``retrain-every`` reference frames the model is fine-tuned on all frames collected so far.
+``retrain-every`` reference frames the model is fine-tuned on all frames collected so far,
+rehearsing ``replay-size`` structures of its rMD17 training set, and its variance calibration
+is refitted on the recipe's 50 validation structures (the ones the shipped calibration was
+fitted on).
 The control is the same run (same start, velocities and Langevin noise seed, same threshold,
 spacing and budget) without retraining. Per block of steps, both runs report the steps above
 the threshold, the reference calls, the median ``max_forces_std`` and the model's largest
@@ -18,6 +22,7 @@ force error at the calls. Writes ``fallback.png`` and each run's collected extxy
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +35,21 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from ase_race.calculator import FallbackCalculator, RACECalculator
 from ase_race.calculator.pyscf_ref import PySCFCalculator
+from ase_race.data.readers import read_frames, split_frames
 from ase_race.training.finetune import retrainer
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import rmd17  # noqa: E402
 
-def run(args, retrain: bool, out: Path) -> dict:
+
+def rmd17_split(data: Path) -> tuple[list, list]:
+    """The ethanol recipe's training and validation frames (950 / 50, seed 1)."""
+    paths = rmd17.convert(data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
+    return split_frames(read_frames(paths["train"]), 50, 1)
+
+
+def run(args, retrain: bool, out: Path, train=(), valid=()) -> dict:
     """One MD run; returns its per-step trace and the collected frames."""
     dataset = out / ("collected_retrain.extxyz" if retrain else "collected_baseline.extxyz")
     if dataset.exists():
@@ -41,7 +57,8 @@ def run(args, retrain: bool, out: Path) -> dict:
     calc = FallbackCalculator(
         RACECalculator(args.model), PySCFCalculator(), threshold=args.threshold, dataset=dataset,
         min_interval=args.min_interval, budget=args.budget, retrain_every=args.retrain_every if retrain else 0,
-        retrain=retrainer(epochs=args.retrain_epochs) if retrain else None,
+        retrain=retrainer(epochs=args.retrain_epochs, replay=train, replay_size=args.replay_size,
+                          calibrate_on=() if args.no_recalibrate else valid) if retrain else None,
     )
     atoms = molecule("CH3CH2OH")
     atoms.calc = calc
@@ -64,19 +81,18 @@ def run(args, retrain: bool, out: Path) -> dict:
         "used": np.array([t[2] for t in trace]), "calls": [int(f.info["call"]) for f in frames],
         "errors": [float(np.abs(f.arrays["race_forces"] - f.arrays["REF_forces"]).max()) for f in frames],
         "n_reference": calc.n_reference, "n_retrains": calc.n_retrains, "wall_s": time.perf_counter() - start,
-        "positions": positions, "frames": frames, "posterior": calc.model.posterior,
+        "positions": positions, "frames": frames, "bundle": calc.model.bundle,
     }
 
 
-def replay(model: str, posterior, control: dict, threshold: float, every: int = 5) -> dict:
-    """A posterior on the control run's trajectory (every ``every``-th step) and on its reference
+def replay(bundle, control: dict, threshold: float, every: int = 5) -> dict:
+    """A model on the control run's trajectory (every ``every``-th step) and on its reference
     frames: the fraction of steps above the threshold and the force error against PySCF.
 
     Both models see the same structures here, so this isolates what retraining changed from
     where the two trajectories went.
     """
-    calc = RACECalculator(model)  # the shipped file's calibration, as in the run
-    calc.posterior = calc.bundle.posterior = posterior
+    calc = RACECalculator(bundle)
     atoms = molecule("CH3CH2OH")
     above = []
     for pos in control["positions"][::every]:
@@ -139,6 +155,9 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=60)
     p.add_argument("--retrain-every", type=int, default=5)
     p.add_argument("--retrain-epochs", type=int, default=10)
+    p.add_argument("--replay-size", type=int, default=80, help="rMD17 training structures rehearsed per fine-tune")
+    p.add_argument("--no-recalibrate", action="store_true", help="keep the shipped calibration after retraining")
+    p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block", type=int, default=500, help="steps per row of the summary")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without retraining")
@@ -147,22 +166,23 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [run(args, retrain=True, out=out)]
+    train, valid = rmd17_split(args.data)
+    runs = [run(args, retrain=True, out=out, train=train if args.replay_size else (), valid=valid)]
     if not args.no_baseline:
         runs.append(run(args, retrain=False, out=out))
     print(f"{args.model}, ethanol, {args.temperature:g} K, {args.steps} steps of 0.5 fs, threshold {args.threshold} eV/Å, "
-          f"min interval {args.min_interval}, budget {args.budget}")
+          f"min interval {args.min_interval}, budget {args.budget}; retraining: {args.retrain_epochs} epochs, "
+          f"{args.replay_size} rehearsed structures, {'shipped calibration' if args.no_recalibrate else 'recalibrated'}")
     for r in runs:
         report(r, args)
     if len(runs) == 2:
         retrained, control = runs
-        before = replay(args.model, RACECalculator(args.model).posterior, control, args.threshold)
-        after = replay(args.model, retrained["posterior"], control, args.threshold)
         from ase_race.modelfile import load_model, save_model
 
-        shipped = load_model(args.model)
-        save_model(out / "retrained.pt", retrained["posterior"], calibration=shipped.calibration,
-                   metadata={"fallback_demo": vars(args)})
+        before = replay(load_model(args.model), control, args.threshold)
+        after = replay(retrained["bundle"], control, args.threshold)
+        save_model(out / "retrained.pt", retrained["bundle"].posterior, calibration=retrained["bundle"].calibration,
+                   metadata={"fallback_demo": {k: str(v) for k, v in vars(args).items()}})
         write(out / "control_trajectory.extxyz", [_with_positions(p) for p in control["positions"][::5]])
         print(f"\non the control run's trajectory (every 5th step) and its {len(control['frames'])} PySCF frames, "
               f"which the retrained model never saw:")

@@ -90,3 +90,30 @@ def test_md_with_fallback_collects_reference_frames(tmp_path):
     assert "fallback: 3 reference calls (0 failed) in 11 evaluations, 0 retrains" in proc.stdout
     frames = read(out / "fallback.extxyz", ":")
     assert len(frames) == 3 and all("REF_energy" in f.info and "REF_forces" in f.arrays for f in frames)
+
+
+def test_md_fallback_retrains_with_rehearsal_and_recalibration(tmp_path):
+    from ase.calculators.emt import EMT
+
+    labelled = []
+    for k in range(4):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        labelled.append(atoms)
+    write(tmp_path / "train.extxyz", labelled[:3])
+    write(tmp_path / "valid.extxyz", labelled[3:])
+    out = tmp_path / "md"
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "6", "--interval", "3", "--output", str(out),
+                    "--fallback", "emt", "--fallback-threshold", "0", "--fallback-budget", "2",
+                    "--fallback-retrain-every", "2", "--fallback-retrain-epochs", "1",
+                    "--fallback-replay", str(tmp_path / "train.extxyz"), "--fallback-replay-size", "2",
+                    "--fallback-calibrate-on", str(tmp_path / "valid.extxyz"))
+    assert proc.returncode == 0, proc.stderr
+    assert "fallback: 2 reference calls (0 failed) in 7 evaluations, 1 retrains" in proc.stdout
+    proc = ase_race("md", "--model", FIXTURE, "--steps", "2", "--output", str(tmp_path / "bad"), "--fallback", "emt",
+                    "--fallback-retrain-every", "2", "--fallback-replay", str(tmp_path / "missing.extxyz"))
+    assert proc.returncode != 0 and "missing.extxyz: no such data file" in proc.stderr

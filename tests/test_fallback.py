@@ -187,7 +187,7 @@ def test_retraining_moves_the_model_towards_the_reference(model):
         ref.calc = EMT()
         return abs(a.get_potential_energy() - ref.get_potential_energy())
 
-    calc = FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2, retrain=retrainer(epochs=60, lr=1e-2))
+    calc = FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2, retrain=retrainer(epochs=60, lr=1e-2, ema_decay=0.0))
     before = [error(calc, f) for f in frames[:2]]
     run(calc, frames[:2])
     assert calc.n_retrains == 1 and len(calc.collected) == 2

@@ -117,11 +117,12 @@ class FallbackCalculator(Calculator):
             prediction; ``retry`` tries ``retries`` more times, then behaves like ``model``;
             ``stop`` raises :class:`RaceError`. Never silent: failures are logged and counted.
         retries: extra attempts for ``retry``.
-        retrain_every: after every this many new reference frames, call ``retrain(posterior,
-            frames)`` (e.g. :func:`ase_race.training.finetune.fine_tune` with the collected
-            frames) and continue with the posterior it returns; 0 = never.
-        retrain: the retraining function; it receives the current posterior and the list of
-            collected ``ase.Atoms`` (with ``REF_energy``/``REF_forces``).
+        retrain_every: after every this many new reference frames, call ``retrain(bundle,
+            frames)`` and continue with the model it returns; 0 = never.
+        retrain: the retraining function (e.g. :func:`ase_race.training.finetune.retrainer`);
+            it receives the model's current :class:`~ase_race.modelfile.ModelBundle` (posterior
+            and calibration) and the list of collected ``ase.Atoms`` (with
+            ``REF_energy``/``REF_forces``), and returns the bundle to continue with.
 
     Results are the model's properties, with ``energy``, ``free_energy`` and ``forces`` replaced
     by the reference's on reference steps; ``fallback_used`` (bool) says which.
@@ -267,10 +268,11 @@ class FallbackCalculator(Calculator):
         )
 
     def _retrain(self) -> None:
-        """Swap in the posterior returned by ``retrain`` (the model calculator keeps its settings)."""
-        posterior = self.retrain(self.model.posterior, list(self.collected))
-        self.model.posterior = posterior
-        self.model.bundle.posterior = posterior
+        """Swap in the model returned by ``retrain`` (the model calculator keeps its settings)."""
+        bundle = self.retrain(self.model.bundle, list(self.collected))
+        self.model.bundle = bundle
+        self.model.posterior = bundle.posterior
+        self.model.calibration = bundle.calibration
         self.model.reset()
         self.n_retrains += 1
         log.info("retrained on %d reference frames (retrain %d)", len(self.collected), self.n_retrains)

@@ -49,7 +49,14 @@ def make_calculator(args):
     if args.fallback_retrain_every:
         from ..training.finetune import retrainer
 
-        retrain = retrainer(epochs=args.fallback_retrain_epochs)
+        from ..data import read_frames
+
+        retrain = retrainer(
+            epochs=args.fallback_retrain_epochs,
+            replay=read_frames(args.fallback_replay) if args.fallback_replay else (),
+            replay_size=args.fallback_replay_size,
+            calibrate_on=read_frames(args.fallback_calibrate_on) if args.fallback_calibrate_on else (),
+        )
     return FallbackCalculator(
         calc, REFERENCES[args.fallback](), threshold=args.fallback_threshold, dataset=dataset,
         min_interval=args.fallback_min_interval, budget=args.fallback_budget,
@@ -96,6 +103,14 @@ def add_fallback_arguments(p) -> None:
     p.add_argument("--fallback-retrain-every", type=int, default=0,
                    help="fine-tune the model on the collected frames after every N reference calls (0: never)")
     p.add_argument("--fallback-retrain-epochs", type=int, default=20, help="epochs of each fine-tune")
+    p.add_argument("--fallback-replay", default=None, metavar="FILE",
+                   help="labelled frames (the model's training data) rehearsed in every fine-tune, so that the model "
+                        "does not forget them (REF_energy/REF_forces keys)")
+    p.add_argument("--fallback-replay-size", type=int, default=80,
+                   help="structures drawn from --fallback-replay for each network and fine-tune")
+    p.add_argument("--fallback-calibrate-on", default=None, metavar="FILE",
+                   help="held-out labelled frames on which the variance calibration is refitted after every fine-tune "
+                        "(default: keep the model's calibration)")
 
 
 def load_structure(path: str | None):
