@@ -86,7 +86,6 @@ def test_active_learning_loop_prospective_resumes_and_follows_the_acquisition(tm
     from ase.io import read
 
     from ase_race.active.loop import active_learn, label_with, read_curve
-    from ase_race.data import read_frames
 
     pool = _emt_pool(12)
     calls = []
