@@ -30,3 +30,7 @@ class ModelFileError(RaceError, ReadError):
 
 class DataError(RaceError, ValueError):
     """A dataset cannot be used as asked (a frame lacks a requested label, no frames, ...)."""
+
+
+class TrainingError(RaceError, RuntimeError):
+    """Training cannot go on (the weights diverged to NaN or infinity, ...)."""

@@ -385,3 +385,15 @@ def test_mse_ensemble_has_finite_bald_and_only_epistemic_variance(ethanol):
     assert torch.isfinite(bald(p)).all() and bald(p).item() > 0
     # BALD_E = ½ log(1 + epistemic/floor) for a floored, otherwise noise-free ensemble.
     assert bald_energy(p).item() == pytest.approx(0.5 * math.log1p(p.energy_var_epistemic.item() / eps), rel=1e-9)
+
+
+def test_diverged_training_stops_with_a_clear_error(dimer_file, tmp_path):
+    from ase_race.errors import TrainingError
+
+    cfg, trainer = _trainer({"method": "ivon", "ivon_lr": 1e30, "ivon_clip_radius": 1e30, "checkpoint_every": 1},
+                            dimer_file, tmp_path / "run")
+    with pytest.raises(TrainingError, match="diverged in epoch 0.*'ivon', learning rate 1e\\+30"):
+        trainer.run()
+    if trainer.checkpoint_path.exists():  # only checkpoints of finite weights were written
+        saved = torch.load(trainer.checkpoint_path, weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..modelfile import atomic_torch_save, atomic_write_text
 from ..nn import RACE, build_model
 from . import distributed as dist_utils
@@ -170,6 +170,7 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        self._check_finite()  # a checkpoint never holds diverged weights
         if self.rank == 0:
             atomic_torch_save(self.checkpoint(), self.checkpoint_path)
         dist_utils.barrier()
@@ -274,6 +275,20 @@ class Trainer:
         self.ivon_step = self.optimizer.current_step
         return (torch.stack(losses).mean() if losses else loss.detach()), parts
 
+    def _check_finite(self) -> None:
+        """Refuse to go on (and to checkpoint) with weights that diverged to NaN or infinity."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            self._diverged(f"{len(bad)} weight tensors are not finite (first: {bad[0]})")
+
+    def _diverged(self, what: str, cause: Exception | None = None) -> None:
+        lr = self.config.ivon_lr if self.method_is("ivon") else self.optimizer.param_groups[0]["lr"]
+        raise TrainingError(
+            f"training diverged in epoch {self.state.epoch}: {what}; method {self.config.method!r}, learning rate "
+            f"{lr:g}. Lower the learning rate (ivon_lr for IVON) or the clipping; the last checkpoint "
+            f"with finite weights is {self.checkpoint_path}"
+        ) from cause
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = self.config.ema_decay
@@ -334,7 +349,13 @@ class Trainer:
 
     def _end_epoch(self, train_loss: float, elapsed: float) -> None:
         s = self.state
-        metrics = self.validate()
+        self._check_finite()
+        try:
+            metrics = self.validate()
+        except torch.linalg.LinAlgError as error:  # finite but huge weights: a covariance that is not one
+            self._diverged(f"the validation predictions are not usable ({error})", error)
+        if not math.isfinite(metrics["valid_loss"]):
+            self._diverged(f"the validation loss is {metrics['valid_loss']}")
         swag_on = self.swag is not None and s.epoch + 1 >= self.config.swag_start_epoch
         if swag_on:
             if s.epoch >= self.config.swag_start_epoch and (s.epoch - self.config.swag_start_epoch) % self.config.swag_interval == 0:
