@@ -254,6 +254,45 @@ def test_last_layer_variances_are_the_jacobian_sandwich(ethanol):
     assert gap.min() > -1e-12
 
 
+def test_force_informed_basis_keeps_more_force_variance(ethanol, tmp_path):
+    from ase_race.modelfile import load_model, save_model
+
+    model = random_posterior("small", seed=7, species=(1, 6, 8), scale=2.0, dtype="float64").model
+    p = model.last_layer_weights().numel()
+    a = torch.randn(p, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cov = a @ a.T / p
+    graphs = []
+    for k in range(3):
+        atoms = ethanol.copy()
+        atoms.rattle(0.05, seed=k)
+        graphs.append(from_atoms(atoms, model.config.species, model.config.r_max, dtype=torch.float64))
+    exact = [LastLayerLaplacePosterior(model, cov).predict(g).forces_cov_epistemic for g in graphs]
+
+    def kept(post):
+        covs = [post.predict(g).forces_cov_epistemic for g in graphs]
+        for c, e in zip(covs, exact):  # a lower bound of the exact covariance, atom by atom
+            assert torch.linalg.eigvalsh(e - c).min() > -1e-10
+        return float(sum(torch.diagonal(c, dim1=1, dim2=2).sum() for c in covs)
+                     / sum(torch.diagonal(e, dim1=1, dim2=2).sum() for e in exact))
+
+    informed = LastLayerLaplacePosterior(model, cov)
+    share = informed.fit_force_basis(graphs, 4)
+    assert informed.force_rank == 4 and kept(informed) == pytest.approx(share, rel=1e-9)
+    # The optimum of the trace over rank-4 bases: at least what Σ's own leading directions keep.
+    assert share >= kept(LastLayerLaplacePosterior(model, cov, force_rank=4)) - 1e-12
+    # All P directions: exact again.
+    full = LastLayerLaplacePosterior(model, cov)
+    assert full.fit_force_basis(graphs, p) == pytest.approx(1.0)
+    for g, e in zip(graphs, exact):
+        torch.testing.assert_close(full.predict(g).forces_cov_epistemic, e)
+    # The basis travels in the model file; set_force_rank returns to Σ's eigen-directions.
+    loaded = load_model(save_model(tmp_path / "llla.pt", informed)).posterior
+    assert loaded.force_rank == 4
+    torch.testing.assert_close(loaded.predict(graphs[0]).forces_cov_epistemic, informed.predict(graphs[0]).forces_cov_epistemic)
+    loaded.set_force_rank(4)
+    assert loaded.force_basis is None and "force_basis" not in loaded.state_dict()
+
+
 # ---------------------------------------------------------------------------- every method, end to end
 TINY = {"num_features": 4, "hidden_irreps": "4x0e+4x1o", "sh_lmax": 1, "radial_mlp": [8], "readout_hidden": 4, "dtype": "float64"}
 METHODS = {

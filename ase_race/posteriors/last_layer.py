@@ -83,7 +83,8 @@ class LastLayerLaplacePosterior(Posterior):
     kind = "last_layer_laplace"
 
     def __init__(
-        self, model: RACE, covariance: torch.Tensor, hyper: dict[str, float] | None = None, force_rank: int = 0
+        self, model: RACE, covariance: torch.Tensor, hyper: dict[str, float] | None = None, force_rank: int = 0,
+        force_basis: torch.Tensor | None = None,
     ):
         n = model.last_layer_weights().numel()
         if covariance.shape != (n, n):
@@ -93,12 +94,47 @@ class LastLayerLaplacePosterior(Posterior):
         self.covariance = covariance.to(torch.float64)
         self.hyper = dict(hyper or {})
         self.force_rank = int(force_rank)
+        #: (P, k) directions chosen for the forces by :meth:`fit_force_basis`, or None
+        self.force_basis = None if force_basis is None else force_basis.to(torch.float64)
+        if self.force_basis is not None:
+            self.force_rank = self.force_basis.shape[1]
         self._set_basis()
 
     def set_force_rank(self, k: int) -> None:
         """Keep the k leading directions of Σ for forces and stress (0 = all: exact)."""
         self.force_rank = int(k)
+        self.force_basis = None
         self._set_basis()
+
+    def fit_force_basis(self, graphs, k: int) -> float:
+        """Choose k directions that keep the most force variance on ``graphs``; returns the share kept.
+
+        With Σ = L Lᵀ (L = U Λ^½) the exact force covariance is J_F L Lᵀ J_Fᵀ. A rank-k
+        approximation L V Vᵀ Lᵀ (V: k orthonormal columns) is a lower bound; its total force
+        variance over the structures, Σ_n Σ_i tr(J_F,ni L V Vᵀ Lᵀ J_F,niᵀ) = tr(Vᵀ M V) with
+        M = Lᵀ G L and G = Σ_n Σ_i J_F,niᵀ J_F,ni (P, P), is largest for the k leading
+        eigenvectors of M. The leading eigen-directions of Σ alone (:meth:`set_force_rank`)
+        ignore how strongly each direction moves the forces, and keep less.
+
+        Args:
+            graphs: structures like those the model will see (training or validation graphs).
+            k: number of directions (rows in the batched backward pass).
+        Returns:
+            tr(Vᵀ M V) / tr(M): the share of the exact force variance kept on ``graphs``.
+        """
+        gram = torch.zeros_like(self.covariance)
+        for graph in graphs:
+            _, _, jac_f, _ = last_layer_jacobians(self.model, graph)  # (P, n, 3)
+            flat = jac_f.reshape(jac_f.shape[0], -1).double().cpu()
+            gram += flat @ flat.T
+        values, vectors = torch.linalg.eigh(self.covariance.cpu())
+        root = vectors * values.clamp(min=0).sqrt()  # L, Σ = L Lᵀ
+        m_values, m_vectors = torch.linalg.eigh(root.T @ gram @ root)
+        order = torch.argsort(m_values, descending=True)[: int(k)]
+        self.force_basis = root @ m_vectors[:, order]
+        self.force_rank = int(k)
+        self._set_basis()
+        return float(m_values[order].clamp(min=0).sum() / m_values.clamp(min=0).sum())
 
     def _set_basis(self) -> None:
         """Σ = U Λ Uᵀ; force (and stress) variances use the ``force_rank`` leading directions.
@@ -107,6 +143,9 @@ class LastLayerLaplacePosterior(Posterior):
         covariance is Σ_{l≤k} λ_l (J_F u_l)(J_F u_l)ᵀ, a lower bound that keeps the largest
         (least constrained) directions and costs k + 1 rows in the backward pass.
         """
+        if self.force_basis is not None:  # columns L v_l: Σ_l (J L v_l)(J L v_l)ᵀ
+            self._basis = self.force_basis.cpu()
+            return
         values, vectors = torch.linalg.eigh(self.covariance.double().cpu())
         order = torch.argsort(values, descending=True)
         k = self.force_rank or values.numel()
@@ -143,6 +182,7 @@ class LastLayerLaplacePosterior(Posterior):
             "covariance": self.covariance,
             "hyper": self.hyper,
             "force_rank": self.force_rank,
+            **({"force_basis": self.force_basis} if self.force_basis is not None else {}),
         }
 
     @classmethod
@@ -150,10 +190,13 @@ class LastLayerLaplacePosterior(Posterior):
         model = build_model(config)
         model.load_state_dict(state["weights"])
         hyper = {k: float(v) for k, v in state.get("hyper", {}).items()}
-        return cls(model, state["covariance"], hyper, force_rank=int(state.get("force_rank", 0)))
+        return cls(model, state["covariance"], hyper, force_rank=int(state.get("force_rank", 0)),
+                   force_basis=state.get("force_basis"))
 
     def to(self, device=None, dtype=None) -> "LastLayerLaplacePosterior":
         self.model = rebuilt_in(self.model, dtype, device)
         self.covariance = self.covariance.to(device=device)
+        if self.force_basis is not None:
+            self.force_basis = self.force_basis.to(device=device)
         self._set_basis()
         return self
