@@ -54,11 +54,18 @@ def run(args, retrain: bool, out: Path, train=(), valid=()) -> dict:
     dataset = out / ("collected_retrain.extxyz" if retrain else "collected_baseline.extxyz")
     if dataset.exists():
         dataset.unlink()  # a fresh demonstration (the calculator itself would append)
+    fine_tune = retrainer(epochs=args.retrain_epochs, replay=train, replay_size=args.replay_size,
+                          calibrate_on=() if args.no_recalibrate else valid)
+    history = []  # the model after each retraining, replayed on the control trajectory later
+
+    def tracked(bundle, atoms_list):
+        history.append(fine_tune(bundle, atoms_list))
+        return history[-1]
+
     calc = FallbackCalculator(
         RACECalculator(args.model), PySCFCalculator(), threshold=args.threshold, dataset=dataset,
         min_interval=args.min_interval, budget=args.budget, retrain_every=args.retrain_every if retrain else 0,
-        retrain=retrainer(epochs=args.retrain_epochs, replay=train, replay_size=args.replay_size,
-                          calibrate_on=() if args.no_recalibrate else valid) if retrain else None,
+        retrain=tracked if retrain else None,
     )
     atoms = molecule("CH3CH2OH")
     atoms.calc = calc
@@ -81,7 +88,7 @@ def run(args, retrain: bool, out: Path, train=(), valid=()) -> dict:
         "used": np.array([t[2] for t in trace]), "calls": [int(f.info["call"]) for f in frames],
         "errors": [float(np.abs(f.arrays["race_forces"] - f.arrays["REF_forces"]).max()) for f in frames],
         "n_reference": calc.n_reference, "n_retrains": calc.n_retrains, "wall_s": time.perf_counter() - start,
-        "positions": positions, "frames": frames, "bundle": calc.model.bundle,
+        "positions": positions, "frames": frames, "bundle": calc.model.bundle, "history": history,
     }
 
 
@@ -109,7 +116,8 @@ def replay(bundle, control: dict, threshold: float, every: int = 5) -> dict:
 
 
 def report(r: dict, args) -> None:
-    print(f"\n{r['label']}: {r['n_reference']} reference calls, {r['n_retrains']} retrains, {r['wall_s']:.0f} s")
+    last = f", the last at step {r['calls'][-1] - 1}" if r["calls"] else ""
+    print(f"\n{r['label']}: {r['n_reference']} reference calls{last}, {r['n_retrains']} retrains, {r['wall_s']:.0f} s")
     print(f"{'steps':>11} {'above thr.':>10} {'ref calls':>9} {'median max F std':>17} {'mean max |ΔF| at calls':>23}")
     for lo in range(0, args.steps, args.block):
         hi = lo + args.block
@@ -125,11 +133,14 @@ def _with_positions(positions):
     return atoms
 
 
-def plot(runs: list[dict], args, path: Path) -> None:
+def plot(runs: list[dict], args, path: Path, replays: list[dict] | None = None) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 7.5), constrained_layout=True)
-    a1, a2, a3 = fig.subplots(3, 1, sharex=True)
+    fig = Figure(figsize=(8, 10 if replays else 7.5), constrained_layout=True)
+    axes = fig.subplots(4 if replays else 3, 1, gridspec_kw={"height_ratios": [1, 1, 1, 0.9][: 4 if replays else 3]})
+    a1, a2, a3 = axes[:3]
+    a2.sharex(a1)
+    a3.sharex(a1)
     for k, r in enumerate(runs):
         t = r["steps"] * 0.5
         a1.plot(t, r["std"], lw=0.6, color=f"C{k}", label=r["label"], alpha=0.8)
@@ -142,6 +153,15 @@ def plot(runs: list[dict], args, path: Path) -> None:
     a3.set_ylabel("model's max |ΔF|\nat the call (eV/Å)")
     a3.set_xlabel("time (fs)")
     a1.set_title(f"{args.model}: ethanol at {args.temperature:g} K, PySCF fallback above {args.threshold:g} eV/Å")
+    if replays:
+        a4 = axes[3]
+        n = np.arange(len(replays))
+        a4.plot(n, [100 * r["above"] for r in replays], "o-", color="C0")
+        a4.set_ylabel("control trajectory:\n% steps above threshold", color="C0")
+        a4.set_xlabel(f"retrains so far (every {args.retrain_every} reference frames)")
+        b4 = a4.twinx()
+        b4.plot(n, [1000 * r["force_mae"] for r in replays], "s--", color="C3")
+        b4.set_ylabel("force MAE on its PySCF\nframes (meV/Å)", color="C3")
     fig.savefig(path, dpi=110)
 
 
@@ -179,17 +199,19 @@ def main() -> None:
         retrained, control = runs
         from ase_race.modelfile import load_model, save_model
 
-        before = replay(load_model(args.model), control, args.threshold)
-        after = replay(retrained["bundle"], control, args.threshold)
+        replays = [replay(b, control, args.threshold) for b in [load_model(args.model), *retrained["history"]]]
         save_model(out / "retrained.pt", retrained["bundle"].posterior, calibration=retrained["bundle"].calibration,
                    metadata={"fallback_demo": {k: str(v) for k, v in vars(args).items()}})
         write(out / "control_trajectory.extxyz", [_with_positions(p) for p in control["positions"][::5]])
         print(f"\non the control run's trajectory (every 5th step) and its {len(control['frames'])} PySCF frames, "
               f"which the retrained model never saw:")
         print(f"{'model':>22} {'steps above threshold':>22} {'force MAE vs PySCF (eV/Å)':>26}")
-        for name, r in (("shipped", before), (f"after {retrained['n_retrains']} retrains", after)):
+        for k, r in enumerate(replays):
+            name = "shipped" if k == 0 else f"after {k} retrains"
             print(f"{name:>22} {100 * r['above']:21.1f}% {r['force_mae']:26.3f}")
-    plot(runs, args, out / "fallback.png")
+    else:
+        replays = None
+    plot(runs, args, out / "fallback.png", replays)
     print(f"wrote {out / 'fallback.png'}")
 
 
