@@ -3,9 +3,9 @@
 Every network of the posterior (one for MVE and the Laplace posteriors, each member of an
 ensemble, the mean network of SWAG/IVON) continues training from its current weights on the
 new frames, mixed with a rehearsal sample of earlier data when given (``replay``), with the
-joint NLL. The posterior's other
-parts (Laplace covariance, SWAG moments, IVON Hessian) are kept as they were: a fine-tune
-moves the mean; refit the posterior from scratch when the data have changed a lot.
+joint NLL. The posterior's other parts (Laplace covariance, SWAG moments, IVON Hessian) are
+kept as they were: a fine-tune moves the mean; refit the posterior from scratch when the data
+have changed a lot.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ def fine_tune(posterior: Posterior, frames: list[Frame], epochs: int = 20, lr: f
 
     ``ema_decay``: the networks come out of training as moving averages of their weights; a
     fine-tune that returns raw iterates instead adds each member's optimiser noise to the
-    ensemble's spread (measured on ethanol: the spread on rMD17 test structures grew 11 % less
-    with EMA than without). The averaging horizon 1/(1 − decay) is capped at half the
+    ensemble's spread (benchmarks/fallback_ablation.py measures it on ethanol). The averaging horizon 1/(1 − decay) is capped at half the
     fine-tune's optimiser steps, so that a short fine-tune still ends near its last iterates.
     """
     if not frames:
