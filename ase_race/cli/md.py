@@ -51,6 +51,10 @@ def make_calculator(args):
 
         from ..data import read_frames
 
+        if not args.fallback_replay:
+            print("note: without --fallback-replay each retraining sees only the collected frames; the model then "
+                  "forgets its training data and an ensemble's spread grows elsewhere (docs/calculator.md)",
+                  file=sys.stderr)
         retrain = retrainer(
             epochs=args.fallback_retrain_epochs,
             replay=read_frames(args.fallback_replay) if args.fallback_replay else (),
