@@ -94,6 +94,27 @@ def test_resume_refuses_changed_settings(emt_file, tmp_path):
         train(config(emt_file, tmp_path / "run", max_epochs=2, lr=0.5))
 
 
+def test_resume_extends_a_run_from_an_older_version_with_paths_spelled_differently(emt_file, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(config(emt_file, run, max_epochs=1))
+    # An older version logged fewer metrics per epoch: drop one from the saved history.
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    for row in checkpoint["history"]:
+        del row["forces_rmse_meV_A"]
+    torch.save(checkpoint, run / "checkpoint.pt")
+    # The same data file named by a relative path from another directory.
+    monkeypatch.chdir(emt_file.parent)
+    train(config(emt_file.name, run, max_epochs=2))
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert rows[0]["forces_rmse_meV_A"] == "" and float(rows[1]["forces_rmse_meV_A"]) > 0
+    # A different file is still a different setting.
+    other = tmp_path / "other.extxyz"
+    other.write_bytes(emt_file.read_bytes())
+    with pytest.raises(ValueError, match=r"different settings \(\['train_file'\]\)"):
+        train(config(other, run, max_epochs=3))
+
+
 DDP_WORKER = textwrap.dedent(
     """
     import os, sys, torch

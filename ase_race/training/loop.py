@@ -50,6 +50,16 @@ def _relevant(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and not k.startswith(ignored)}
 
 
+#: Settings that name files: equal when they name the same file, however spelled.
+PATH_SETTINGS = ("train_file", "valid_file", "e0s_file")
+
+
+def _same_setting(key: str, old, new) -> bool:
+    if key in PATH_SETTINGS and old and new:
+        return Path(old).resolve() == Path(new).resolve()
+    return old == new
+
+
 @dataclass
 class TrainState:
     """Everything that changes while training (and is saved in a checkpoint)."""
@@ -181,7 +191,7 @@ class Trainer:
         old, new = _relevant(data["train_config"]), _relevant(self.config.to_dict())
         defaults = TrainConfig().to_dict()
         # A key the checkpoint lacks was added by a later version: its default applies.
-        changed = sorted(k for k in new if old.get(k, defaults.get(k)) != new[k])
+        changed = sorted(k for k in new if not _same_setting(k, old.get(k, defaults.get(k)), new[k]))
         if changed or data["model_config"] != self.model_config.to_dict():
             raise ConfigError(
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
@@ -386,7 +396,9 @@ class Trainer:
     def _write_metrics_csv(self) -> None:
         """Rewrite metrics.csv from the history (so a resumed run never duplicates rows)."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.state.history[0]))
+        # the union of columns: a run resumed under a newer version gains metrics mid-way
+        fieldnames = list(dict.fromkeys(key for row in self.state.history for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(self.state.history)
         atomic_write_text(self.out_dir / "metrics.csv", buffer.getvalue())
