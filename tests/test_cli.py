@@ -114,6 +114,37 @@ def test_md_fallback_retrains_with_rehearsal_and_recalibration(tmp_path):
                     "--fallback-calibrate-on", str(tmp_path / "valid.extxyz"))
     assert proc.returncode == 0, proc.stderr
     assert "fallback: 2 reference calls (0 failed) in 7 evaluations, 1 retrains" in proc.stdout
+    assert "1 retrains (0 failed)" in proc.stdout
     proc = ase_race("md", "--model", FIXTURE, "--steps", "2", "--output", str(tmp_path / "bad"), "--fallback", "emt",
                     "--fallback-retrain-every", "2", "--fallback-replay", str(tmp_path / "missing.extxyz"))
     assert proc.returncode != 0 and "missing.extxyz: no such data file" in proc.stderr
+
+
+def test_md_fallback_options_reach_the_retrainer(tmp_path, monkeypatch):
+    """The command-line options arrive at retrainer()."""
+    from ase_race.cli import md
+    from ase_race.cli.main import build_parser
+    from ase_race.training import finetune
+
+    frames = []
+    for k in range(3):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=k)
+        atoms.info["REF_energy"] = -1.0 - k
+        atoms.arrays["REF_forces"] = atoms.positions * 0.0
+        frames.append(atoms)
+    write(tmp_path / "train.extxyz", frames[:2])
+    write(tmp_path / "valid.extxyz", frames[2:])
+    received = {}
+    monkeypatch.setattr(finetune, "retrainer", lambda **kw: received.update(kw) or (lambda bundle, atoms: bundle))
+    args = build_parser().parse_args([
+        "md", "--model", FIXTURE, "--output", str(tmp_path / "md"), "--fallback", "emt",
+        "--fallback-retrain-every", "3", "--fallback-retrain-epochs", "7",
+        "--fallback-replay", str(tmp_path / "train.extxyz"), "--fallback-replay-size", "5",
+        "--fallback-calibrate-on", str(tmp_path / "valid.extxyz"),
+    ])
+    calc = md.make_calculator(args)
+    assert calc.retrain_every == 3
+    assert received["epochs"] == 7 and received["replay_size"] == 5
+    assert [f.energy for f in received["replay"]] == [-1.0, -2.0]
+    assert [f.energy for f in received["calibrate_on"]] == [-3.0]

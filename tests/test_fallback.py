@@ -197,6 +197,25 @@ def test_retraining_moves_the_model_towards_the_reference(model):
         FallbackCalculator(model, EMT(), threshold=0.0, retrain_every=2)
 
 
+def test_a_diverged_retraining_keeps_the_model_and_the_run_going(model, tmp_path, caplog):
+    from ase_race.errors import TrainingError
+
+    attempts = []
+
+    def diverging(bundle, atoms_list):
+        attempts.append(len(atoms_list))
+        raise TrainingError("loss is NaN at epoch 3")
+
+    calc = FallbackCalculator(model, EMT(), threshold=0.0, dataset=tmp_path / "d.extxyz", retrain_every=2,
+                              retrain=diverging)
+    bundle = calc.model.bundle
+    with caplog.at_level("WARNING", logger="ase_race"):
+        run(calc, trajectory(4))
+    assert attempts == [2, 4] and calc.n_retrain_failures == 2 and calc.n_retrains == 0
+    assert calc.model.bundle is bundle and len(LabelledFrames(tmp_path / "d.extxyz")) == 4
+    assert "retraining on 2 reference frames failed" in caplog.text
+
+
 def test_verify_checks_a_geometry_with_the_reference(model, tmp_path):
     atoms = molecule("CH3CH2OH")
     emt = atoms.copy()

@@ -97,22 +97,29 @@ def test_resume_refuses_changed_settings(emt_file, tmp_path):
 def test_resume_extends_a_run_from_an_older_version_with_paths_spelled_differently(emt_file, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(config(emt_file, run, max_epochs=1))
-    # An older version logged fewer metrics per epoch: drop one from the saved history.
+    # An older version logged fewer metrics per epoch and did not record its directory.
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
     for row in checkpoint["history"]:
         del row["forces_rmse_meV_A"]
+    del checkpoint["cwd"]
     torch.save(checkpoint, run / "checkpoint.pt")
-    # The same data file named by a relative path from another directory.
+    # The same data file named by a relative path.
     monkeypatch.chdir(emt_file.parent)
     train(config(emt_file.name, run, max_epochs=2))
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     assert rows[0]["forces_rmse_meV_A"] == "" and float(rows[1]["forces_rmse_meV_A"]) > 0
+    # The checkpoint's relative path is relative to where that run was started, not to here.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train(config(f"../{emt_file.name}", run, max_epochs=3))
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
     # A different file is still a different setting.
     other = tmp_path / "other.extxyz"
     other.write_bytes(emt_file.read_bytes())
     with pytest.raises(ValueError, match=r"different settings \(\['train_file'\]\)"):
-        train(config(other, run, max_epochs=3))
+        train(config(other, run, max_epochs=4))
 
 
 DDP_WORKER = textwrap.dedent(

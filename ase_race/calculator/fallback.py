@@ -22,7 +22,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.io import read, write
 
 from .. import _keys as K
-from ..errors import RaceError
+from ..errors import RaceError, TrainingError
 from .ase_calc import RACECalculator
 
 log = logging.getLogger("ase_race.fallback")
@@ -163,6 +163,7 @@ class FallbackCalculator(Calculator):
         self.retrain_every, self.retrain = int(retrain_every), retrain
         self.collected: list[Atoms] = []  # reference frames of this run, for retraining
         self.n_retrains = 0
+        self.n_retrain_failures = 0
         self.n_calls = 0  # calculate() calls
         self.n_reference = 0  # successful reference calls
         self.n_failures = 0
@@ -268,8 +269,19 @@ class FallbackCalculator(Calculator):
         )
 
     def _retrain(self) -> None:
-        """Swap in the model returned by ``retrain`` (the model calculator keeps its settings)."""
-        bundle = self.retrain(self.model.bundle, list(self.collected))
+        """Swap in the model returned by ``retrain`` (the model calculator keeps its settings).
+
+        A retraining that diverges (:class:`TrainingError`) is logged and counted, and the run
+        goes on with the model it had: the reference calls already paid for are kept in the
+        dataset, and the next retraining tries again with more frames.
+        """
+        try:
+            bundle = self.retrain(self.model.bundle, list(self.collected))
+        except TrainingError as err:
+            self.n_retrain_failures += 1
+            log.warning("retraining on %d reference frames failed, keeping the current model: %s",
+                        len(self.collected), err)
+            return
         self.model.bundle = bundle
         self.model.posterior = bundle.posterior
         self.model.calibration = bundle.calibration

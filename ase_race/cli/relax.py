@@ -93,7 +93,7 @@ def run(args) -> int:
         reason = "converged with forces known better than fmax"
     if fallback is not None:
         print(f"fallback: {fallback.n_reference} reference calls ({fallback.n_failures} failed) in "
-              f"{fallback.n_calls} evaluations")
+              f"{fallback.n_calls} evaluations, {fallback.n_retrains} retrains ({fallback.n_retrain_failures} failed)")
     if verification is not None:
         print(f"verification: reference energy {verification.reference_energy:.5f} eV (model "
               f"{verification.model_energy:.5f} eV), largest model force error {verification.max_force_error:.4f} eV/Å")

@@ -122,16 +122,17 @@ class LastLayerLaplacePosterior(Posterior):
         Returns:
             tr(Vᵀ M V) / tr(M): the share of the exact force variance kept on ``graphs``.
         """
-        gram = torch.zeros_like(self.covariance)
+        # Accumulated on the CPU in float64 wherever the model runs (Σ may live on a GPU).
+        gram = torch.zeros(self.covariance.shape, dtype=torch.float64)
         for graph in graphs:
             _, _, jac_f, _ = last_layer_jacobians(self.model, graph)  # (P, n, 3)
             flat = jac_f.reshape(jac_f.shape[0], -1).double().cpu()
             gram += flat @ flat.T
-        values, vectors = torch.linalg.eigh(self.covariance.cpu())
+        values, vectors = torch.linalg.eigh(self.covariance.double().cpu())
         root = vectors * values.clamp(min=0).sqrt()  # L, Σ = L Lᵀ
         m_values, m_vectors = torch.linalg.eigh(root.T @ gram @ root)
         order = torch.argsort(m_values, descending=True)[: int(k)]
-        self.force_basis = root @ m_vectors[:, order]
+        self.force_basis = (root @ m_vectors[:, order]).to(self.covariance.device)
         self.force_rank = int(k)
         self._set_basis()
         return float(m_values[order].clamp(min=0).sum() / m_values.clamp(min=0).sum())

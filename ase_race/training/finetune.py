@@ -43,15 +43,20 @@ def fine_tune(posterior: Posterior, frames: list[Frame], epochs: int = 20, lr: f
 
     ``ema_decay``: the networks come out of training as moving averages of their weights; a
     fine-tune that returns raw iterates instead adds each member's optimiser noise to the
-    ensemble's spread (benchmarks/fallback_ablation.py measures it on ethanol). The averaging horizon 1/(1 − decay) is capped at half the
-    fine-tune's optimiser steps, so that a short fine-tune still ends near its last iterates.
+    ensemble's spread (benchmarks/fallback_ablation.py measures it on ethanol). The average
+    starts from the weights before the fine-tune and is not bias-corrected, so after N steps
+    a share decay^N of them remains: a pull towards the old model, like the rehearsal. The
+    horizon 1/(1 − decay) is capped at half the steps, so that share is at most e⁻² ≈ 14 %.
+
+    Isolated-atom frames in ``replay`` (E0 references, which have no forces) are left out, as
+    in training. ``epochs`` ≤ 0 or no ``frames`` returns ``posterior`` itself.
     """
-    if not frames:
+    if not frames or epochs <= 0:
         return posterior
     tuned = copy.deepcopy(posterior)
     networks = _networks(tuned)
     config = networks[0].config
-    replay = list(replay)
+    replay = [f for f in replay if not f.is_isolated_atom]
     n_replay = len(replay) if replay_size is None else min(int(replay_size), len(replay))
     for k, network in enumerate(networks):
         picked = np.random.default_rng(seed + k).choice(len(replay), n_replay, replace=False) if n_replay else []
@@ -99,7 +104,8 @@ def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: S
     from ..modelfile import Calibration, ModelBundle
     from .assess import fit_calibration, gather
 
-    calibrate_on = list(calibrate_on)
+    # E0 references carry no forces and would set the energy scale on single atoms
+    calibrate_on = [f for f in calibrate_on if not f.is_isolated_atom]
     count = [0]
 
     def retrain(bundle: ModelBundle, atoms_list) -> ModelBundle:
@@ -110,7 +116,9 @@ def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: S
         if calibrate_on:
             raw = ModelBundle(posterior, Calibration(), bundle.metadata)
             device = next(_networks(posterior)[0].parameters()).device
-            calibration = fit_calibration(gather(raw, calibrate_on, device=device))
+            # energy and force scales are refitted; the stress scale (not fitted here) is kept
+            kept = Calibration(stress_var_scale=bundle.calibration.stress_var_scale)
+            calibration = fit_calibration(gather(raw, calibrate_on, device=device), current=kept)
             log.info("recalibrated on %d frames: %s", len(calibrate_on), calibration)
         return ModelBundle(posterior, calibration, bundle.metadata)
 

@@ -54,9 +54,11 @@ def _relevant(config: dict) -> dict:
 PATH_SETTINGS = ("train_file", "valid_file", "e0s_file")
 
 
-def _same_setting(key: str, old, new) -> bool:
+def _same_setting(key: str, old, new, old_cwd: str | None = None) -> bool:
+    """``old`` is the checkpoint's value, relative to ``old_cwd`` (the current directory when
+    the checkpoint does not record one); ``new`` is relative to the current directory."""
     if key in PATH_SETTINGS and old and new:
-        return Path(old).resolve() == Path(new).resolve()
+        return (Path(old_cwd or ".") / old).resolve() == Path(new).resolve()
     return old == new
 
 
@@ -158,6 +160,7 @@ class Trainer:
         return {
             "train_config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
+            "cwd": str(Path.cwd()),  # where the config's relative paths point from
             "model": self.model.state_dict(),
             "ema": self.ema,
             "optimizer": self.optimizer.state_dict(),
@@ -191,7 +194,9 @@ class Trainer:
         old, new = _relevant(data["train_config"]), _relevant(self.config.to_dict())
         defaults = TrainConfig().to_dict()
         # A key the checkpoint lacks was added by a later version: its default applies.
-        changed = sorted(k for k in new if not _same_setting(k, old.get(k, defaults.get(k)), new[k]))
+        changed = sorted(
+            k for k in new if not _same_setting(k, old.get(k, defaults.get(k)), new[k], data.get("cwd"))
+        )
         if changed or data["model_config"] != self.model_config.to_dict():
             raise ConfigError(
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
