@@ -77,22 +77,31 @@ def _copy(model):
     return copy.deepcopy(model)
 
 
-def run(systems: dict, sizes, preset: str, dtype: str, repeats: int) -> None:
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(systems: dict, sizes, preset: str, dtype: str, repeats: int, device: str | None = None) -> None:
     from ase_race.graph import from_atoms
 
     table = posteriors(preset, dtype)
-    print(f"\nposteriors: preset {preset}, {dtype}, median ms per RACECalculator call; ×: ratio to mve")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nposteriors: preset {preset}, {dtype}, {name}; median ms per RACECalculator call; ×: ratio to mve")
     names = list(table)
     print(f"{'atoms':>5} " + " ".join(f"{name:>24}" for name in names))
     for n in sizes:
         atoms = systems[n]
         periodic = bool(atoms.pbc.all())
-        calcs = {name: RACECalculator(post) for name, post in table.items()}
+        calcs = {name: RACECalculator(post, device=device) for name, post in table.items()}
         loops = {}
         if n <= 200:
             for name in ("ensemble M=10", "swag S=30"):
                 loops[name] = _Loop(calcs[name].posterior)
         graph = from_atoms(atoms, SPECIES, table["mve"].config.r_max, dtype=calcs["mve"].dtype)
+        graph = {key: value.to(device) for key, value in graph.items()}
         reps = max(2, repeats // 8) if n > 1000 else repeats
         times = {name: [] for name in names}
         loop_times = {name: [] for name in loops}
@@ -105,8 +114,10 @@ def run(systems: dict, sizes, preset: str, dtype: str, repeats: int) -> None:
                 a.get_potential_energy()
                 times[name].append(1000 * (time.perf_counter() - start))
             for name, loop in loops.items():
+                _synchronize(device)
                 start = time.perf_counter()
                 loop(graph, periodic)
+                _synchronize(device)
                 loop_times[name].append(1000 * (time.perf_counter() - start))
         med = {name: statistics.median(v) for name, v in times.items()}
         ref = med["mve"]
