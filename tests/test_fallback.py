@@ -111,6 +111,44 @@ def test_restart_neither_loses_nor_duplicates(model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["collected.extxyz"]
 
 
+class Counting(EMT):
+    """EMT that counts its calculations."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def calculate(self, *args, **kwargs):
+        self.count += 1
+        super().calculate(*args, **kwargs)
+
+
+def test_a_restarted_run_reuses_its_labels_and_keeps_its_budget(model, tmp_path):
+    path = tmp_path / "collected.extxyz"
+    frames = trajectory(6)
+    first_ref = Counting()
+    first = FallbackCalculator(model, first_ref, threshold=0.0, dataset=path, budget=4)
+    run(first, [f.copy() for f in frames[:3]])  # killed after three calls
+    assert first_ref.count == 3
+    energies = [first.results["energy"]]
+    # The restart retraces the same structures: labels come from the file, not the reference,
+    # and count against the budget as the original calls did.
+    ref = Counting()
+    restarted = FallbackCalculator(model, ref, threshold=0.0, dataset=path, budget=4)
+    replayed = []
+    for atoms in [f.copy() for f in frames]:
+        atoms.calc = restarted
+        replayed.append(atoms.get_potential_energy())
+    assert ref.count == 1  # only the fourth structure is new; then the budget of 4 is spent
+    assert (restarted.n_reference, restarted.n_reused) == (4, 3)
+    assert [e for _, _, e in restarted.events] == ["reference"] * 4 + ["model (budget exhausted)"] * 2
+    assert replayed[2] == pytest.approx(energies[0], abs=1e-6)  # the stored label of the third step
+    reference = frames[2].copy()
+    reference.calc = EMT()
+    assert replayed[2] == pytest.approx(reference.get_potential_energy(), abs=1e-6)
+    assert len(read(path, ":")) == 4
+
+
 def test_md_stop_observer_stops_at_the_first_step_above_threshold(model):
     from ase import units
     from ase.md.verlet import VelocityVerlet

@@ -46,7 +46,8 @@ class LabelledFrames:
     Each append writes the old content plus the new frame to a temporary file in the same
     folder, fsyncs it and renames it over the dataset: a crash leaves either the old or the new
     file, never a truncated frame. Frames already present (same :func:`structure_key`) are not
-    written again, so a restarted run does not duplicate them.
+    written again, so a restarted run does not duplicate them, and their reference labels can
+    be looked up (:meth:`label`) instead of being computed again.
     """
 
     KEY = "race_structure_key"
@@ -54,17 +55,29 @@ class LabelledFrames:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._keys: set[str] = set()
+        self._labels: dict[str, tuple[float, np.ndarray]] = {}
         if self.path.exists() and self.path.stat().st_size:
             # The key stored with each frame, not one recomputed from the file: extxyz keeps
             # positions to 8 decimals, which can round differently from the original.
             for atoms in read(self.path, ":", format="extxyz"):
-                self._keys.add(str(atoms.info.get(self.KEY, structure_key(atoms))))
+                key = str(atoms.info.get(self.KEY, structure_key(atoms)))
+                self._keys.add(key)
+                self._remember(key, atoms)
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def __contains__(self, atoms: Atoms) -> bool:
         return structure_key(atoms) in self._keys
+
+    def label(self, atoms: Atoms) -> tuple[float, np.ndarray] | None:
+        """The stored reference (energy, forces) of this exact structure, or None."""
+        found = self._labels.get(structure_key(atoms))
+        return None if found is None else (found[0], found[1].copy())
+
+    def _remember(self, key: str, atoms: Atoms) -> None:
+        if "REF_energy" in atoms.info and "REF_forces" in atoms.arrays:
+            self._labels[key] = (float(atoms.info["REF_energy"]), np.array(atoms.arrays["REF_forces"], dtype=np.float64))
 
     def append(self, atoms: Atoms) -> bool:
         """Append ``atoms`` (with its info/arrays); False if it is already there."""
@@ -84,6 +97,7 @@ class LabelledFrames:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
         self._keys.add(key)
+        self._remember(key, atoms)
         return True
 
 
@@ -110,7 +124,9 @@ class FallbackCalculator(Calculator):
             ``energy_std``.
         dataset: extxyz file collecting the reference-labelled frames (``REF_energy``,
             ``REF_forces``, ``fallback_reason``, the triggering uncertainty, and the model's own
-            prediction ``race_energy`` / ``race_forces``); None: keep none.
+            prediction ``race_energy`` / ``race_forces``); None: keep none. A structure whose
+            label is already in the file (a restarted run retracing its steps) takes that label
+            instead of a new reference call; it counts as a reference call (``n_reused``).
         min_interval: at least this many calls between two reference calls.
         budget: at most this many reference calls in total (None: unlimited).
         on_failure: when the reference raises: ``model`` logs it and returns the model's
@@ -165,7 +181,8 @@ class FallbackCalculator(Calculator):
         self.n_retrains = 0
         self.n_retrain_failures = 0
         self.n_calls = 0  # calculate() calls
-        self.n_reference = 0  # successful reference calls
+        self.n_reference = 0  # successful reference calls (including labels reused from the dataset)
+        self.n_reused = 0  # of those, labels of structures already in the dataset (a restarted run)
         self.n_failures = 0
         self.last_reference_call: int | None = None
         #: (call index, quantity value, what happened) for every step above the threshold
@@ -197,13 +214,20 @@ class FallbackCalculator(Calculator):
         refused = self._allowed()
         if refused:
             return f"model ({refused})"
+        stored = self.frames.label(atoms) if self.frames is not None else None
         try:
-            energy, forces = self._call_reference(atoms)
+            energy, forces = stored if stored is not None else self._call_reference(atoms)
         except Exception as error:  # every attempt failed; the policy decides
             self.last_reference_call = self.n_calls  # do not hammer a failing reference
             if self.on_failure == "stop":
                 raise RaceError(f"the reference calculator failed at call {self.n_calls}: {error}") from error
             return f"model (reference failed: {type(error).__name__})"
+        if stored is not None:
+            # A restarted run passing the same structure again: the label from the dataset
+            # stands in for the call it already paid for, and counts against the budget as
+            # that call did, so the restarted run retraces the original one.
+            self.n_reference += 1
+            self.n_reused += 1
         self.last_reference_call = self.n_calls
         model_energy, model_forces = results[K.ENERGY], np.array(results[K.FORCES])
         results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
