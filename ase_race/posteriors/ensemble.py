@@ -54,7 +54,7 @@ class EnsemblePosterior(Posterior):
         return len(self.members)
 
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
-        out = self._stacked(graph, compute_stress=compute_stress)
+        out = self._stacked(graph, compute_stress=compute_stress, edge_chunk=edge_chunk)
         if not self.aleatoric:
             self._drop_heads(out)
         return mixture_prediction(out, compute_stress)

@@ -71,7 +71,8 @@ class SampledPosterior(Posterior):
         return self._stacked
 
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
-        return mixture_prediction(self._stacked_model()(graph, compute_stress=compute_stress), compute_stress)
+        out = self._stacked_model()(graph, compute_stress=compute_stress, edge_chunk=edge_chunk)
+        return mixture_prediction(out, compute_stress)
 
     def _base_state(self) -> dict[str, Any]:
         return {"weights": dict(self.model.state_dict()), "n_samples": self.n_samples, "sample_seed": self.sample_seed}

@@ -92,11 +92,15 @@ class StackedModel:
         self._module.to(device=device, dtype=dtype)
         return self
 
-    def __call__(self, graph: AtomicGraph, compute_stress: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(self, graph: AtomicGraph, compute_stress: bool = False, edge_chunk: int | None = None) -> dict[str, torch.Tensor]:
         """Every member's outputs.
 
-        Edge chunking with activation checkpointing is not used here: the recomputation in the
-        backward pass would run after ``functional_call`` has put the original weights back.
+        Graphs small enough for two or more members per pass are evaluated in vmapped groups.
+        Larger graphs are evaluated member by member, each member's weights copied into one
+        working network that then runs exactly like a single model, with ``edge_chunk``'s
+        activation checkpointing (which a ``functional_call`` pass cannot use: its
+        recomputation would run after the original weights had been put back), so a large
+        system costs M single calls in time and one in peak memory.
 
         Returns:
             dict with ``energy`` (M, B), ``node_energy`` (M, n), ``energy_var`` (M, B),
@@ -105,11 +109,26 @@ class StackedModel:
         """
         n_edges = max(int(graph[K.EDGE_INDEX].shape[1]), 1)
         group = max(1, min(self.n_members, self.max_edges_per_pass // n_edges))
+        if group == 1:
+            return self._one_by_one(graph, compute_stress, edge_chunk)
         parts = [
             self._evaluate(graph, {k: v[start : start + group] for k, v in self.params.items()}, compute_stress)
             for start in range(0, self.n_members, group)
         ]
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def _one_by_one(self, graph, compute_stress, edge_chunk):
+        network = self._module.model
+        named = dict(network.named_parameters())
+        keys = [K.ENERGY, K.NODE_ENERGY, K.ENERGY_VAR, K.FORCES, K.FORCES_COV] + ([K.STRESS] if compute_stress else [])
+        outs = []
+        for m in range(self.n_members):
+            with torch.no_grad():
+                for name, value in self.params.items():
+                    named[name].copy_(value[m])
+            out = network(graph, compute_forces=True, compute_stress=compute_stress, edge_chunk=edge_chunk)
+            outs.append({k: out[k].detach() for k in keys})
+        return {k: torch.stack([o[k] for o in outs]) for k in keys}
 
     def _evaluate(self, graph, params, compute_stress):
         m = next(iter(params.values())).shape[0]
