@@ -114,8 +114,8 @@ def test_restart_neither_loses_nor_duplicates(model, tmp_path):
 class Counting(EMT):
     """EMT that counts its calculations."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         self.count = 0
 
     def calculate(self, *args, **kwargs):
@@ -130,6 +130,13 @@ def test_a_restarted_run_reuses_its_labels_and_keeps_its_budget(model, tmp_path)
     first = FallbackCalculator(model, first_ref, threshold=0.0, dataset=path, budget=4)
     run(first, [f.copy() for f in frames[:3]])  # killed after three calls
     assert first_ref.count == 3
+    # Another reference (here: the same class with other settings) never takes those labels.
+    shared = tmp_path / "shared.extxyz"
+    shared.write_bytes(path.read_bytes())
+    other_ref = Counting(asap_cutoff=True)
+    other = FallbackCalculator(model, other_ref, threshold=0.0, dataset=shared, budget=4)
+    run(other, [f.copy() for f in frames[:3]])
+    assert other_ref.count == 3 and other.n_reused == 0
     energies = [first.results["energy"]]
     # The restart retraces the same structures: labels come from the file, not the reference,
     # and count against the budget as the original calls did.

@@ -40,6 +40,20 @@ def structure_key(atoms: Atoms) -> str:
     return h.hexdigest()
 
 
+def reference_fingerprint(calc) -> str:
+    """Which reference labelled a frame: its class and parameters (``todict``), hashed.
+
+    A stored label is reused only for the same fingerprint, so a run never takes the labels of
+    another reference, or of the same one with other settings, from a shared dataset.
+    """
+    try:
+        params = calc.todict()
+    except Exception:  # a calculator without ASE's parameter dictionary: its class alone
+        params = {}
+    text = type(calc).__name__ + repr(sorted((str(k), repr(v)) for k, v in params.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class LabelledFrames:
     """An extxyz dataset that only ever grows by whole frames.
 
@@ -55,7 +69,7 @@ class LabelledFrames:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._keys: set[str] = set()
-        self._labels: dict[str, tuple[float, np.ndarray]] = {}
+        self._labels: dict[str, tuple[float, np.ndarray, str]] = {}
         if self.path.exists() and self.path.stat().st_size:
             # The key stored with each frame, not one recomputed from the file: extxyz keeps
             # positions to 8 decimals, which can round differently from the original.
@@ -70,14 +84,18 @@ class LabelledFrames:
     def __contains__(self, atoms: Atoms) -> bool:
         return structure_key(atoms) in self._keys
 
-    def label(self, atoms: Atoms) -> tuple[float, np.ndarray] | None:
-        """The stored reference (energy, forces) of this exact structure, or None."""
+    def label(self, atoms: Atoms, reference: str) -> tuple[float, np.ndarray] | None:
+        """The stored (energy, forces) of this exact structure from the reference with
+        fingerprint ``reference`` (:func:`reference_fingerprint`), or None."""
         found = self._labels.get(structure_key(atoms))
-        return None if found is None else (found[0], found[1].copy())
+        if found is None or found[2] != reference:
+            return None
+        return found[0], found[1].copy()
 
     def _remember(self, key: str, atoms: Atoms) -> None:
         if "REF_energy" in atoms.info and "REF_forces" in atoms.arrays:
-            self._labels[key] = (float(atoms.info["REF_energy"]), np.array(atoms.arrays["REF_forces"], dtype=np.float64))
+            self._labels[key] = (float(atoms.info["REF_energy"]), np.array(atoms.arrays["REF_forces"], dtype=np.float64),
+                                 str(atoms.info.get("fallback_reference", "")))
 
     def append(self, atoms: Atoms) -> bool:
         """Append ``atoms`` (with its info/arrays); False if it is already there."""
@@ -126,7 +144,9 @@ class FallbackCalculator(Calculator):
             ``REF_forces``, ``fallback_reason``, the triggering uncertainty, and the model's own
             prediction ``race_energy`` / ``race_forces``); None: keep none. A structure whose
             label is already in the file (a restarted run retracing its steps) takes that label
-            instead of a new reference call; it counts as a reference call (``n_reused``).
+            instead of a new reference call, if the same reference with the same parameters
+            made it (``fallback_reference`` in the frame); it counts as a reference call
+            (``n_reused``). :meth:`verify` always calls the reference.
         min_interval: at least this many calls between two reference calls.
         budget: at most this many reference calls in total (None: unlimited).
         on_failure: when the reference raises: ``model`` logs it and returns the model's
@@ -167,6 +187,7 @@ class FallbackCalculator(Calculator):
         self.model = model if isinstance(model, RACECalculator) else RACECalculator(model)
         self.implemented_properties = tuple(self.model.implemented_properties) + ("fallback_used",)
         self.reference = reference
+        self._reference_id = reference_fingerprint(reference)
         self.threshold = float(threshold)
         self.quantity = quantity
         self.frames = LabelledFrames(dataset) if dataset is not None else None
@@ -214,7 +235,7 @@ class FallbackCalculator(Calculator):
         refused = self._allowed()
         if refused:
             return f"model ({refused})"
-        stored = self.frames.label(atoms) if self.frames is not None else None
+        stored = self.frames.label(atoms, self._reference_id) if self.frames is not None else None
         try:
             energy, forces = stored if stored is not None else self._call_reference(atoms)
         except Exception as error:  # every attempt failed; the policy decides
@@ -256,7 +277,8 @@ class FallbackCalculator(Calculator):
         if self.frames is not None:
             frame = atoms.copy()
             frame.info.update({"REF_energy": energy, "fallback_reason": reason,
-                               f"race_{self.quantity}": value, "race_energy": model_energy, "call": self.n_calls})
+                               f"race_{self.quantity}": value, "race_energy": model_energy, "call": self.n_calls,
+                               "fallback_reference": self._reference_id})
             frame.arrays["REF_forces"] = forces
             frame.arrays["race_forces"] = model_forces  # what the model predicted: its error there
             self.frames.append(frame)

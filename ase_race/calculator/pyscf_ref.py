@@ -48,6 +48,8 @@ class PySCFCalculator(Calculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # in ASE's parameter dictionary too, so todict() tells labels of other settings apart
+        self.parameters.update(xc=xc, basis=basis, density_fit=density_fit, charge=charge, spin=spin, conv_tol=conv_tol)
         self.xc, self.basis, self.density_fit = xc, basis, density_fit
         self.charge, self.spin, self.conv_tol = charge, spin, conv_tol
         self.max_memory, self.verbose = max_memory, verbose

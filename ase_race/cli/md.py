@@ -183,7 +183,7 @@ def run(args) -> int:
         calc = atoms.calc
         print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations, "
               f"{calc.n_retrains} retrains ({calc.n_retrain_failures} failed); {len(calc.frames)} frames in {calc.frames.path}"
-              + (f" ({calc.n_reused} labels reused from it by this restarted run)" if calc.n_reused else ""))
+              + (f" ({calc.n_reused} labels taken from it instead of new reference calls)" if calc.n_reused else ""))
     _write_csv(log.rows, out / "uncertainty.csv")
     plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
     print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")
