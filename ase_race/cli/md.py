@@ -47,9 +47,8 @@ def make_calculator(args):
     dataset = args.fallback_dataset or str(Path(args.output) / "fallback.extxyz")
     retrain = None
     if args.fallback_retrain_every:
-        from ..training.finetune import retrainer
-
         from ..data import read_frames
+        from ..training.finetune import retrainer
 
         if not args.fallback_replay:
             print("note: without --fallback-replay each retraining sees only the collected frames; the model then "

@@ -11,6 +11,7 @@ have changed a lot.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import tempfile
 from typing import Sequence
@@ -106,12 +107,11 @@ def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: S
 
     # E0 references carry no forces and would set the energy scale on single atoms
     calibrate_on = [f for f in calibrate_on if not f.is_isolated_atom]
-    count = [0]
+    rounds = itertools.count(1)
 
     def retrain(bundle: ModelBundle, atoms_list) -> ModelBundle:
         frames = [frame_from_atoms(a) for a in atoms_list]
-        count[0] += 1
-        posterior = fine_tune(bundle.posterior, frames, epochs=epochs, lr=lr, seed=seed + 1000 * count[0], **kwargs)
+        posterior = fine_tune(bundle.posterior, frames, epochs=epochs, lr=lr, seed=seed + 1000 * next(rounds), **kwargs)
         calibration = bundle.calibration
         if calibrate_on:
             raw = ModelBundle(posterior, Calibration(), bundle.metadata)
