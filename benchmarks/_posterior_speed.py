@@ -83,10 +83,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(systems: dict, sizes, preset: str, dtype: str, repeats: int, device: str | None = None) -> None:
+def _peak_mib() -> float | None:
+    """This process's peak resident memory (VmHWM, Linux), MiB."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return None
+
+
+def run(systems: dict, sizes, preset: str, dtype: str, repeats: int, device: str | None = None,
+        only: list[str] | None = None) -> None:
+    """``only``: time just the posteriors whose names start with one of these (and ``mve``, the
+    reference); one per process gives each its own peak memory, printed at the end."""
     from ase_race.graph import from_atoms
 
     table = posteriors(preset, dtype)
+    if only:
+        table = {k: v for k, v in table.items() if k == "mve" or k.startswith(tuple(only))}
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nposteriors: preset {preset}, {dtype}, {name}; median ms per RACECalculator call; ×: ratio to mve")
@@ -125,3 +139,6 @@ def run(systems: dict, sizes, preset: str, dtype: str, repeats: int, device: str
         for name, v in loop_times.items():
             t = statistics.median(v)
             print(f"      plain loop, {name}: {t:.1f} ms ({t / ref:.2f}× mve; batched/loop {med[name] / t:.2f})", flush=True)
+    peak = _peak_mib()
+    if peak is not None:
+        print(f"peak resident memory of this process: {peak:.0f} MiB")

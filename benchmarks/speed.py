@@ -10,7 +10,7 @@ With ``--mace-python`` (an interpreter that has mace-torch), a MACE small model 
 same structures: calls alternate between the two processes, and the ratio is printed.
 Weights are random: speed does not depend on their values.
 
-    python benchmarks/speed.py --posteriors [--sizes 27 192 1728] [--dtypes float32] [--device cuda]
+    python benchmarks/speed.py --posteriors [--sizes 27 192 1728] [--dtypes float32] [--device cuda] [--only ensemble]
 
 times every posterior (MVE, a 10-member ensemble, SWAG with 30 samples, IVON and Laplace with
 16, the last-layer Laplace at full and reduced force rank) in one process, with the ratio to a
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="*", default=["float32", "float64"])
     parser.add_argument("--posteriors", action="store_true", help="time every posterior instead")
     parser.add_argument("--device", default=None, help="with --posteriors: cpu or cuda (default: cuda when present)")
+    parser.add_argument("--only", nargs="*", help="with --posteriors: just these (name prefixes, e.g. ensemble), besides mve")
     args = parser.parse_args()
 
     systems = structures(args.data)
@@ -91,7 +92,7 @@ def main() -> None:
         import _posterior_speed
 
         for dtype in args.dtypes:
-            _posterior_speed.run(systems, args.sizes, args.preset, dtype, args.repeats, args.device)
+            _posterior_speed.run(systems, args.sizes, args.preset, dtype, args.repeats, args.device, args.only)
         return
     header = f"{'atoms':>5} {'dtype':>7} {'RACE ms':>9} {'NL ms':>7} {'NL %':>5} {'peak MiB':>9}"
     if args.mace_python:
