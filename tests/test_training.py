@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,15 @@ def test_resume_refuses_changed_settings(emt_file, tmp_path):
     train(config(emt_file, tmp_path / "run", max_epochs=1))
     with pytest.raises(ValueError, match=r"different settings \(\['lr'\]\)"):
         train(config(emt_file, tmp_path / "run", max_epochs=2, lr=0.5))
+
+
+def test_a_moved_and_renamed_run_resumes(emt_file, tmp_path):
+    train(config(emt_file, tmp_path / "run", max_epochs=1))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    path = train(config(emt_file, tmp_path / "moved", max_epochs=2, model_name="renamed"))
+    assert Path(path).name == "renamed.pt"
+    rows = list(csv.DictReader(open(tmp_path / "moved" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 was not trained again
 
 
 def test_resume_extends_a_run_from_an_older_version_with_paths_spelled_differently(emt_file, tmp_path, monkeypatch):

@@ -34,7 +34,9 @@ log = logging.getLogger("ase_race.training")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: Training-config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("max_epochs", "max_time_s", "checkpoint_every", "test_file", "device")
+RESUMABLE_CHANGES = (
+    "max_epochs", "max_time_s", "checkpoint_every", "test_file", "device", "output_dir", "model_name",
+)
 
 
 #: Keys that only affect one method (a member of an ensemble ignores the IVON settings).
