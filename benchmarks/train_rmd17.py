@@ -46,8 +46,9 @@ def main() -> None:
         print(f"{name:>6} {row['energy_mae_meV']:10.2f} {row['energy_rmse_meV']:11.2f} {row.get('energy_rms_std_meV', float('nan')):8.2f} "
               f"{row['forces_mae_meV_A']:12.2f} {row['forces_rmse_meV_A']:13.2f} {row.get('forces_rms_std_meV_A', float('nan')):8.2f} "
               f"{row['energy_nll']:7.3f} {row['forces_nll']:7.3f}")
-    print(f"training: {t['epochs']} epochs (best {t['best_epoch']}), {t['wall_time_s'] / 60:.1f} min, "
-          f"{t['structures_per_s']:.0f} structures/s")
+    if "epochs" in t:  # a posterior fitted around a given base_model has no training of its own
+        print(f"training: {t['epochs']} epochs (best {t['best_epoch']}), {t['wall_time_s'] / 60:.1f} min, "
+              f"{t['structures_per_s']:.0f} structures/s")
     if args.ship:
         target = HERE.parent / "models" / Path(model_path).name
         shutil.copyfile(model_path, target)
