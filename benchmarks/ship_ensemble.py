@@ -13,28 +13,16 @@ metrics of the calibrated predictive in its metadata.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-from ase_race import load_model, save_model
-from ase_race.config import TrainConfig
-from ase_race.data import read_frames
-from ase_race.modelfile import Calibration
-from ase_race.training.api import prepare
-from ase_race.training.assess import assess, fit_calibration, gather
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
+from shipping import calibrate, print_shipping  # noqa: E402
 
-def summary(metrics: dict) -> dict:
-    e, f = metrics["energy"]["total"], metrics["forces"]["total"]
-    return {
-        "energy_mae_meV": 1000 * e["mae"], "energy_rmse_meV": 1000 * e["rmse"], "energy_nll": e["nll"],
-        "energy_rms_std_meV": 1000 * e["rms_std"], "energy_miscalibration_area": e["miscalibration_area"],
-        "forces_mae_meV_A": 1000 * f["mae"], "forces_rmse_meV_A": 1000 * f["rmse"], "forces_nll_per_component": f["nll"],
-        "forces_rms_std_meV_A": 1000 * f["rms_std"], "forces_miscalibration_area": f["miscalibration_area"],
-        "forces_spearman": f["spearman"],
-    }
+from ase_race import load_model, save_model  # noqa: E402
+from ase_race.config import TrainConfig  # noqa: E402
 
 
 def main() -> None:
@@ -47,23 +35,9 @@ def main() -> None:
 
     bundle = load_model(args.run)
     bundle.posterior.aleatoric = args.aleatoric
-    bundle.calibration = Calibration()
-    config = TrainConfig.from_yaml(args.config)
-    _, _, valid = prepare(config)
-    test = read_frames(config.test_file)
-    raw = summary(assess(gather(bundle, test)))
-    bundle.calibration = fit_calibration(gather(bundle, valid))
-    calibrated = summary(assess(gather(bundle, test)))
-    print(json.dumps({"test_raw": raw, "calibration": bundle.calibration.to_dict(), "test_calibrated": calibrated}, indent=1))
-    metadata = {
-        **bundle.metadata,
-        "shipping": {
-            "aleatoric": args.aleatoric,
-            "calibrated_on": f"the {len(valid)} validation structures of the recipe's split",
-            "test_raw": raw,
-            "test_calibrated": calibrated,
-        },
-    }
+    shipping = calibrate(bundle, TrainConfig.from_yaml(args.config))
+    print_shipping(shipping)
+    metadata = {**bundle.metadata, "shipping": {"aleatoric": args.aleatoric, **shipping}}
     path = save_model(args.out, bundle.posterior, calibration=bundle.calibration, metadata=metadata)
     print(f"wrote {path}")
 
