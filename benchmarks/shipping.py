@@ -9,7 +9,8 @@ model card can quote both from the file itself.
 from __future__ import annotations
 
 from ase_race.config import TrainConfig
-from ase_race.data import read_frames
+from ase_race.data import KeyMap, read_frames
+from ase_race.errors import ConfigError
 from ase_race.modelfile import Calibration
 from ase_race.training.api import prepare
 from ase_race.training.assess import assess, fit_calibration, gather
@@ -33,9 +34,12 @@ def calibrate(bundle, config: TrainConfig) -> dict:
     Returns the ``shipping`` metadata: where the scales were fitted and the test metrics of
     the uncalibrated and calibrated predictive (``test_raw``, ``test_calibrated``).
     """
+    if not config.test_file:
+        raise ConfigError("test_file is not set: the calibrated model is scored on the recipe's test set")
     bundle.calibration = Calibration()
     _, _, valid = prepare(config)
-    test = read_frames(config.test_file)
+    keys = KeyMap(energy=config.energy_key, forces=config.forces_key, stress=config.stress_key)
+    test = [f for f in read_frames(config.test_file, keys=keys) if not f.is_isolated_atom]
     raw = summary(assess(gather(bundle, test)))
     bundle.calibration = fit_calibration(gather(bundle, valid))
     calibrated = summary(assess(gather(bundle, test)))

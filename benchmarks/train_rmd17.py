@@ -37,10 +37,15 @@ def main() -> None:
     parser.add_argument("--uncalibrated", action="store_true", help="with --ship: keep the file's variances as trained")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.uncalibrated and not args.ship:
+        parser.error("--uncalibrated only applies with --ship")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
     paths = rmd17.convert(args.data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
     config = TrainConfig.from_yaml(args.config, [f"e0s_file={paths['e0s']}", *args.overrides])
+    if args.ship and config.method == "ensemble":
+        # The shipped ensemble's predictive is the members' spread alone (aleatoric off).
+        parser.error("ship an ensemble with benchmarks/ship_ensemble.py, which sets its predictive before calibrating")
     model_path = train(config)
     bundle = load_model(model_path)
     meta = bundle.metadata
