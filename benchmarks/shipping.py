@@ -9,10 +9,10 @@ model card can quote both from the file itself.
 from __future__ import annotations
 
 from ase_race.config import TrainConfig
-from ase_race.data import KeyMap, read_frames
+from ase_race.data import read_frames
 from ase_race.errors import ConfigError
 from ase_race.modelfile import Calibration
-from ase_race.training.api import prepare
+from ase_race.training.api import label_keys, prepare
 from ase_race.training.assess import assess, fit_calibration, gather
 
 
@@ -38,8 +38,7 @@ def calibrate(bundle, config: TrainConfig) -> dict:
         raise ConfigError("test_file is not set: the calibrated model is scored on the recipe's test set")
     bundle.calibration = Calibration()
     _, _, valid = prepare(config)
-    keys = KeyMap(energy=config.energy_key, forces=config.forces_key, stress=config.stress_key)
-    test = [f for f in read_frames(config.test_file, keys=keys) if not f.is_isolated_atom]
+    test = [f for f in read_frames(config.test_file, keys=label_keys(config)) if not f.is_isolated_atom]
     raw = summary(assess(gather(bundle, test)))
     bundle.calibration = fit_calibration(gather(bundle, valid))
     calibrated = summary(assess(gather(bundle, test)))

@@ -31,7 +31,7 @@ def resolve_e0s(config: TrainConfig, frames, species) -> dict[int, float]:
         return {z: e0s[z] for z in species}
     if setting == "isolated":
         if config.e0s_file:
-            source = read_frames(config.e0s_file, keys=_keys(config), require=("energy",))
+            source = read_frames(config.e0s_file, keys=label_keys(config), require=("energy",))
             return isolated_atom_e0s(source, species, every_single_atom=True)
         return isolated_atom_e0s(frames, species)
     if setting == "fit":
@@ -39,7 +39,8 @@ def resolve_e0s(config: TrainConfig, frames, species) -> dict[int, float]:
     raise ConfigError(f"e0s must be 'isolated', 'fit' or a mapping element → eV, got {setting!r}")
 
 
-def _keys(config: TrainConfig) -> KeyMap:
+def label_keys(config: TrainConfig) -> KeyMap:
+    """Where ``config`` says the labels are stored (``energy_key``, ``forces_key``, ``stress_key``)."""
     return KeyMap(energy=config.energy_key, forces=config.forces_key, stress=config.stress_key)
 
 
@@ -47,7 +48,7 @@ def prepare(config: TrainConfig):
     """Read and split the data and derive the model config. Returns (model_config, train, valid)."""
     if not config.train_file:
         raise ConfigError("train_file is not set")
-    keys = _keys(config)
+    keys = label_keys(config)
     frames = read_frames(config.train_file, keys=keys)
     isolated = [f for f in frames if f.is_isolated_atom]
     frames = [f for f in frames if not f.is_isolated_atom]
@@ -92,7 +93,7 @@ def train(config: TrainConfig, on_step=None) -> Path:
     posterior = result.posterior
     metrics = {"valid": evaluate_dataset(posterior, valid_set)}
     if config.test_file:
-        test_frames = read_frames(config.test_file, keys=_keys(config))
+        test_frames = read_frames(config.test_file, keys=label_keys(config))
         metrics["test"] = evaluate_dataset(posterior, GraphDataset(test_frames, model_config.species, model_config.r_max, dtype))
     metadata = {
         "training": {
