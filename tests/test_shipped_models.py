@@ -88,3 +88,17 @@ def test_shipped_mve_energy_variance_matches_its_errors_on_held_out_structures()
         z2_forces.append(np.mean(force_error**2 / calc.results["forces_var"]))  # (n, 3) per component
     assert 0.3 < np.mean(z2_energy) < 3.0
     assert 0.5 < np.mean(z2_forces) < 2.0
+
+
+
+def test_shipped_models_give_the_recorded_predictions_bit_for_bit():
+    """Every result of every shipped model equals the record of tests/make_shipped_reference.py,
+    run in a child process with the record's thread count."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("make_shipped_reference.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(script), "--check"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
