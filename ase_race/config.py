@@ -1,5 +1,7 @@
 """Model hyperparameters as plain, frozen, JSON-round-trippable data.
 
+(The training run's settings are :class:`ase_race.training.TrainConfig`.)
+
 ``ModelConfig`` is the only input of :class:`ase_race.nn.RACE`; a model file stores
 ``config.to_dict()`` and rebuilds the network from it, so nothing about a model lives
 outside this record. Presets are merged in a fixed order: field defaults, then the preset,
@@ -9,8 +11,8 @@ then the caller's values.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from .errors import ConfigError
 
@@ -18,13 +20,11 @@ FORCE_COV_FORMS = ("equivariant", "cholesky")
 ENERGY_VAR_FORMS = ("sum", "paper")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "nll_e", "nll_jef")
-METHODS = ("mve", "ensemble", "swag", "ivon", "laplace")
-LAPLACE_SUBSETS = ("all", "last_layer")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of one RACE network (SPEC §2).
+    """Hyperparameters of one RACE network (docs/architecture.md).
 
     Attributes:
         species: atomic numbers the model knows, sorted ascending.
@@ -202,149 +202,3 @@ PRESETS: dict[str, dict[str, Any]] = {
         readout_hidden=8,
     ),
 }
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; every key has a default (see docs/training.md).
-
-    Data keys: ``train_file`` (required), ``valid_file`` (optional; else ``valid_fraction`` of
-    the training file, split with ``seed``), ``test_file`` (optional, evaluated at the end),
-    ``n_train`` (optional cap on training frames, taken after the split), ``energy_key`` /
-    ``forces_key`` / ``stress_key`` (label keys, falling back to values ASE attaches),
-    ``e0s`` (``"isolated"``: IsolatedAtom frames in ``e0s_file`` or the training file; ``"fit"``:
-    least squares; or a mapping element → eV).
-
-    Model: ``preset`` plus ``model`` (overrides of ModelConfig fields; species, e0s, scale,
-    shift and avg_num_neighbors are filled from the data unless given).
-
-    Optimisation: ``loss`` (mse | nll_e | nll_jef), ``energy_weight`` λ_E, ``forces_weight``
-    λ_F, ``beta`` (β-NLL), ``warmup_epochs`` (mean-only MSE before the NLL switches on),
-    ``batch_size``, ``max_epochs``, ``lr``, ``weight_decay``, ``amsgrad``, ``clip_grad``
-    (max gradient norm; 0 = off), ``ema_decay`` (0 = off), ``plateau_patience`` /
-    ``plateau_factor`` / ``min_lr`` (plateau learning-rate decay on the validation loss),
-    ``max_time_s`` (stop after this wall time, 0 = no limit).
-
-    Posterior (SPEC §4): ``method`` (mve | ensemble | swag | ivon | laplace); ``members`` (deep
-    ensemble size M; member k is trained with seed ``seed + k`` in ``output_dir/member_k``,
-    all on the same split); ``test_samples`` (samples of SWAG / IVON / Laplace at prediction
-    time; 0 = the method's default: 30, 16, 16); ``swag_start_epoch``, ``swag_interval``
-    (epochs between snapshots), ``swag_rank`` (deviation columns K), ``swag_lr`` (constant
-    learning rate from the start epoch; 0 = keep the current one); ``ivon_lr``, ``ivon_ess``
-    (effective sample size; 0 = the number of training atoms), ``ivon_hess_init``,
-    ``ivon_beta2``, ``ivon_weight_decay``, ``ivon_train_samples`` (weight samples per step), ``ivon_clip_radius`` (bound on each
-    weight's preconditioned step, IVON's guard against the large early gradients of force fields);
-    ``laplace_subset`` (all: diagonal GGN over every weight with laplace-torch; last_layer: the
-    closed-form last-layer Laplace with force Jacobians), ``laplace_prior_precision`` (0 = by
-    marginal likelihood), ``laplace_noise`` (all-weight Laplace: ``residual`` fixes the energy
-    noise σ to the RMS training residual; ``marglik`` fits it by marginal likelihood as the
-    paper does, which on rMD17 ethanol collapses to σ ≈ 3 eV, see docs/posteriors/laplace.md), ``base_model`` (a model file to fit the Laplace posterior around
-    instead of training one first).
-
-    Output: ``output_dir`` (checkpoint, metrics.csv, the model file), ``model_name``,
-    ``checkpoint_every`` (steps between checkpoints; one is always written at epoch ends),
-    ``seed``, ``device``.
-    """
-
-    train_file: str = ""
-    valid_file: str = ""
-    test_file: str = ""
-    e0s_file: str = ""
-    valid_fraction: float = 0.05
-    n_train: int = 0
-    energy_key: str = "REF_energy"
-    forces_key: str = "REF_forces"
-    stress_key: str = "REF_stress"
-    e0s: Any = "isolated"
-    preset: str = "small"
-    model: dict = field(default_factory=dict)
-    method: str = "mve"
-    loss: str = "nll_jef"
-    energy_weight: float = 1.0
-    forces_weight: float = 10.0
-    beta: float = 0.0
-    warmup_epochs: int = 0
-    batch_size: int = 8
-    max_epochs: int = 100
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    amsgrad: bool = True
-    clip_grad: float = 10.0
-    ema_decay: float = 0.99
-    plateau_patience: int = 10
-    plateau_factor: float = 0.8
-    min_lr: float = 1e-5
-    max_time_s: float = 0.0
-    members: int = 10
-    test_samples: int = 0
-    swag_start_epoch: int = 50
-    swag_interval: int = 1
-    swag_rank: int = 40
-    swag_lr: float = 0.0
-    ivon_lr: float = 0.05
-    ivon_ess: float = 0.0
-    ivon_hess_init: float = 1.0
-    ivon_beta2: float = 0.99999
-    ivon_weight_decay: float = 1e-4
-    ivon_train_samples: int = 1
-    ivon_clip_radius: float = 1.0
-    laplace_subset: str = "all"
-    laplace_prior_precision: float = 0.0
-    laplace_noise: str = "residual"
-    base_model: str = ""
-    output_dir: str = "race_run"
-    model_name: str = "model"
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = ""
-
-    def __post_init__(self) -> None:
-        _choice("loss", self.loss, LOSSES)
-        _choice("method", self.method, METHODS)
-        _choice("laplace_subset", self.laplace_subset, LAPLACE_SUBSETS)
-        _choice("laplace_noise", self.laplace_noise, ("marglik", "residual"))
-        if self.members < 1 or self.swag_rank < 2 or self.swag_interval < 1 or self.ivon_train_samples < 1:
-            raise ConfigError("members and ivon_train_samples must be ≥ 1, swag_interval ≥ 1, swag_rank ≥ 2")
-        if self.batch_size < 1 or self.max_epochs < 0 or self.checkpoint_every < 1:
-            raise ConfigError("batch_size and checkpoint_every must be ≥ 1 and max_epochs ≥ 0")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(ModelConfig)})
-        if unknown:
-            raise ConfigError(f"unknown model keys {unknown} in the training config")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        """Build from a dict, refusing unknown keys."""
-        return _strict(cls, data, "training config")
-
-    @classmethod
-    def from_yaml(cls, path: str | None, overrides: Sequence[str] = ()) -> "TrainConfig":
-        """Read a YAML file (or start from defaults when ``path`` is None) and apply
-        ``key=value`` overrides; ``model.KEY=value`` sets a model field. Values are YAML."""
-        import yaml
-
-        data: dict[str, Any] = {}
-        if path:
-            with open(path) as handle:
-                data = yaml.safe_load(handle) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: a training config must be a YAML mapping")
-        data = {**data, "model": dict(data.get("model") or {})}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            parsed = yaml.safe_load(value)
-            if key.startswith("model."):
-                data["model"][key[len("model."):]] = parsed
-            else:
-                data[key] = parsed
-        return cls.from_dict(data)

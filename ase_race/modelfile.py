@@ -1,4 +1,4 @@
-"""The single-file model format (SPEC §6): save, load, version upgrades, atomic writes.
+"""The single-file model format: save, load, version upgrades (docs/model_format.md).
 
 A model file is a ``torch.save`` of a plain dict, readable with ``torch.load(weights_only=True)``
 (no pickled code is ever executed)::
@@ -9,20 +9,20 @@ A model file is a ``torch.save`` of a plain dict, readable with ``torch.load(wei
       "config": {...},                  # ModelConfig.to_dict()
       "species": [1, 6, 8],             # copies of config values, for people and other tools
       "e0s": [...], "cutoff": 5.0, "dtype": "float64",
-      "posterior": {"kind": "mve", "state": {...tensors...}},
+      "posterior": {"kind": "mve", "version": 1, "state": {...tensors...}},  # the state's layout version
       "calibration": {"energy_var_scale": 1.0, "forces_var_scale": 1.0, "stress_var_scale": 1.0},
       "metadata": {...},                # JSON-able: versions, training data fingerprint, metrics
     }
 
 Older versions are brought up to date by a chain of ``_upgrade_vN_to_vN+1`` functions; a file
-from a newer version is refused with both numbers.
+from a newer version is refused with both numbers. Files are written atomically
+(:mod:`ase_race._atomic`): a crash while saving leaves any earlier file intact.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+# Re-exported for the modules that import the writers from here (new code: ase_race._atomic).
+from ._atomic import atomic_torch_save, atomic_write_text  # noqa: F401
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
 from .posteriors import Posterior, posterior_class
@@ -161,45 +163,12 @@ def save_model(
         "e0s": list(cfg.e0s),
         "cutoff": cfg.r_max,
         "dtype": cfg.dtype,
-        "posterior": {"kind": posterior.kind, "state": _to_cpu(posterior.state_dict())},
+        "posterior": {"kind": posterior.kind, "version": posterior.state_version, "state": _to_cpu(posterior.state_dict())},
         "calibration": (calibration or Calibration()).to_dict(),
         "metadata": meta,
     }
     atomic_torch_save(payload, path)
     return path
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates the file 0600; give it the usual permissions (or the old file's).
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -281,7 +250,8 @@ def load_model(
             if key in data and data[key] != expected:
                 raise ModelFileError(f"{path}: {key}={data[key]!r} disagrees with its config ({expected!r})")
         cls = posterior_class(data["posterior"]["kind"])
-        posterior = cls.from_state_dict(config, data["posterior"]["state"])
+        # files written before posterior states were versioned hold layout 1
+        posterior = cls.load_state(config, data["posterior"]["state"], int(data["posterior"].get("version", 1)))
         calibration = Calibration.from_dict(data["calibration"])
     except (ConfigError, KeyError, TypeError) as err:
         raise ModelFileError(f"{path}: malformed model file: {err}") from None

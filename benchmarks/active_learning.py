@@ -27,7 +27,7 @@ import numpy as np
 from ase.io import write
 
 from ase_race.active.loop import active_learn, label_from_pool, plot_curves
-from ase_race.config import TrainConfig
+from ase_race.training import TrainConfig
 from ase_race.data import KeyMap, read_frames, split_frames
 
 from _bpa import DATA, mixed_temperature_test_set

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 from shipping import calibrate, print_shipping  # noqa: E402
 
 from ase_race import load_model, save_model  # noqa: E402
-from ase_race.config import TrainConfig  # noqa: E402
+from ase_race.training import TrainConfig  # noqa: E402
 
 
 def main() -> None:

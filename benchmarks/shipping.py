@@ -8,7 +8,7 @@ model card can quote both from the file itself.
 
 from __future__ import annotations
 
-from ase_race.config import TrainConfig
+from ase_race.training import TrainConfig
 from ase_race.data import read_frames
 from ase_race.errors import ConfigError
 from ase_race.modelfile import Calibration

@@ -25,7 +25,7 @@ import rmd17  # noqa: E402
 from shipping import calibrate, print_shipping  # noqa: E402
 
 from ase_race import load_model, save_model  # noqa: E402
-from ase_race.config import TrainConfig  # noqa: E402
+from ase_race.training import TrainConfig  # noqa: E402
 from ase_race.training import train  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ase_race.config import TrainConfig
+from ase_race.training import TrainConfig
 from ase_race.data import KeyMap, read_frames
 from ase_race.evaluation import auroc, calibration_error, gaussian_nll, spearman, variance_scale
 from ase_race.modelfile import Calibration, atomic_write_text, load_model, save_model

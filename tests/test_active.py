@@ -75,9 +75,9 @@ def _emt_pool(n: int):
 
 
 def _tiny_config(tmp_path):
-    from ase_race.config import TrainConfig
+    from ase_race.training import TrainConfig
 
-    return TrainConfig(method="ensemble", members=2, preset="tiny", max_epochs=2, valid_fraction=1, e0s="fit",
+    return TrainConfig(method="ensemble", ensemble={"members": 2}, preset="tiny", max_epochs=2, valid_fraction=1, e0s="fit",
                        batch_size=2, model={"dtype": "float64"}, loss="nll_jef")
 
 
@@ -153,7 +153,7 @@ def test_active_learn_command_retrospective(tmp_path, capsys):
     labeller = label_with(EMT())
     write(tmp_path / "pool.extxyz", [labeller(a) for a in _emt_pool(8)])
     out = tmp_path / "al"
-    rc = main(["active-learn", str(tmp_path / "pool.extxyz"), "method=ensemble", "members=2", "preset=tiny",
+    rc = main(["active-learn", str(tmp_path / "pool.extxyz"), "method=ensemble", "ensemble.members=2", "preset=tiny",
                "max_epochs=1", "valid_fraction=1", "e0s=fit", "batch_size=2", "--sizes", "3,5",
                "--strategy", "energy-std", "--test", str(tmp_path / "pool.extxyz"), "-o", str(out)])
     assert rc == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ase_race"
 # Lower rank = closer to the leaves; a module may import only equal or lower ranks.
 RANK = {
-    "_keys": 0, "errors": 0, "config": 1, "graph": 2, "nn": 3, "posteriors": 4,
+    "_keys": 0, "_atomic": 0, "errors": 0, "config": 1, "graph": 2, "nn": 3, "posteriors": 4,
     "modelfile": 5, "calculator": 6, "data": 2, "evaluation": 1, "training": 7,
     "active": 7, "cli": 9, "testing": 8, "__init__": 8,
 }

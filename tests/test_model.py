@@ -13,7 +13,10 @@ except ImportError:  # ASE < 3.29
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
 from ase_race import RACECalculator
+from ase_race import _keys as K
 from ase_race.config import ModelConfig
+from ase_race.graph import from_atoms
+from ase_race.nn.derivatives import derivative_inputs, energy_derivatives
 from ase_race.testing import (
     finite_difference_forces,
     finite_strain_stress,
@@ -75,6 +78,50 @@ def test_stress_is_finite_strain_derivative(posterior64, silicon):
     stress = silicon.get_stress()
     assert np.abs(stress).max() > 1e-5
     np.testing.assert_allclose(stress, finite_strain_stress(silicon, 1e-5), atol=1e-9)
+
+
+def test_derivative_helper_stress_virial_members_and_rows(posterior64, silicon):
+    """nn.derivatives, shared by the network, stacked members and the last-layer Jacobians:
+    σ = (1/V) ∂E/∂ε against finite strains of E itself, W = −σV, and a member dimension or
+    batched rows give each member / row its own derivatives."""
+    model = posterior64.model
+    graph = from_atoms(silicon, model.config.species, model.config.r_max, dtype=torch.float64)
+    cell, volume = graph[K.CELL], float(abs(np.linalg.det(silicon.cell.array)))
+    positions, strain = derivative_inputs(graph[K.POSITIONS], 1, stress=True)
+    assert positions.requires_grad and not graph[K.POSITIONS].requires_grad
+    d = energy_derivatives(model.outputs(graph, positions, strain)[K.ENERGY].sum(), positions, strain, cell)
+    h, fd = 1e-5, np.zeros((3, 3))
+    with torch.no_grad():
+        for i in range(3):
+            for j in range(3):
+                energies = []
+                for sign in (1, -1):
+                    eps = torch.zeros(1, 3, 3, dtype=torch.float64)
+                    eps[0, i, j] = sign * h
+                    energies.append(float(model.outputs(graph, graph[K.POSITIONS], eps)[K.ENERGY].sum()))
+                fd[i, j] = (energies[0] - energies[1]) / (2 * h) / volume
+    assert np.abs(fd).max() > 1e-5
+    np.testing.assert_allclose(d.stress[0].numpy(), fd, atol=1e-9)
+    assert torch.equal(d.stress, -d.virial / torch.linalg.det(cell).abs()[:, None, None])
+    np.testing.assert_allclose(d.virial[0].numpy(), -fd * volume, atol=1e-8)
+
+    # Two members, the second with twice the energy: each gets its own derivatives.
+    pos_m, strain_m = derivative_inputs(graph[K.POSITIONS], 1, stress=True, n_members=2)
+    assert pos_m.shape == (2, len(silicon), 3) and strain_m.shape == (2, 1, 3, 3)
+    total = sum((m + 1) * model.outputs(graph, pos_m[m], strain_m[m])[K.ENERGY].sum() for m in range(2))
+    members = energy_derivatives(total, pos_m, strain_m, cell)
+    for m in range(2):
+        torch.testing.assert_close(members.forces[m], (m + 1) * d.forces, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(members.stress[m], (m + 1) * d.stress, rtol=1e-12, atol=1e-14)
+
+    # Rows E and 3E differentiated in one batched backward pass.
+    positions, strain = derivative_inputs(graph[K.POSITIONS], 1, stress=True)
+    energy = model.outputs(graph, positions, strain)[K.ENERGY].sum()
+    rows = energy_derivatives(torch.stack([energy, 3 * energy]), positions, strain, cell)
+    assert rows.forces.shape == (2, len(silicon), 3) and rows.stress.shape == (2, 1, 3, 3)
+    torch.testing.assert_close(rows.forces[0], d.forces, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.forces[1], 3 * d.forces, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.stress[1], 3 * d.stress, rtol=1e-12, atol=1e-14)
 
 
 def test_supercell_is_extensive(posterior64, silicon):

@@ -1,4 +1,4 @@
-"""Posteriors (SPEC §4): mixture rule, BALD, batched members = loop, SWAG moments, Laplace
+"""Posteriors: mixture rule, BALD, batched members = loop, SWAG moments, Laplace
 against closed-form Bayesian linear regression, last-layer Jacobians, and every method's model
 file served by the calculator."""
 
@@ -24,8 +24,8 @@ from ase_race.posteriors.bald import bald, bald_energy, bald_forces, gaussian_ba
 from ase_race.posteriors.last_layer import last_layer_jacobians
 from ase_race.posteriors.stacked import flat_parameters, unflatten
 from ase_race.testing import random_posterior
-from ase_race.training.laplace import linear_evidence, optimise_prior_precision
-from ase_race.training.swag import SWAGCollector
+from ase_race.training.methods.laplace import linear_evidence, optimise_prior_precision
+from ase_race.training.methods.swag import SWAGCollector
 
 SPECIES = (1, 6, 8, 14)
 
@@ -186,7 +186,7 @@ class _Batches(list):
 def test_laplace_torch_backend_matches_bayesian_linear_regression():
     from laplace import DiagLaplace
 
-    from ase_race.training.laplace import _energy_ggn_backend
+    from ase_race.training.methods.laplace import _energy_ggn_backend
 
     x, y, sigma = _linear_problem()
     alpha = 0.7
@@ -307,11 +307,11 @@ def test_force_informed_basis_keeps_more_force_variance(ethanol, tmp_path):
 # ---------------------------------------------------------------------------- every method, end to end
 TINY = {"num_features": 4, "hidden_irreps": "4x0e+4x1o", "sh_lmax": 1, "radial_mlp": [8], "readout_hidden": 4, "dtype": "float64"}
 METHODS = {
-    "ensemble": dict(method="ensemble", members=3),
-    "swag": dict(method="swag", swag_start_epoch=15, swag_rank=4),
+    "ensemble": dict(method="ensemble", ensemble={"members": 3}),
+    "swag": dict(method="swag", swag={"start_epoch": 15, "rank": 4}),
     "ivon": dict(method="ivon"),
     "laplace": dict(method="laplace"),
-    "last_layer_laplace": dict(method="laplace", laplace_subset="last_layer"),
+    "last_layer_laplace": dict(method="laplace", laplace={"subset": "last_layer"}),
 }
 
 
@@ -342,7 +342,7 @@ def dimer_file(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", list(METHODS))
 def test_every_method_trains_saves_and_serves_epistemic_uncertainty(kind, dimer_file, tmp_path):
-    from ase_race.config import TrainConfig
+    from ase_race.training import TrainConfig
     from ase_race.training import train
 
     settings = dict(
@@ -376,10 +376,11 @@ def test_every_method_trains_saves_and_serves_epistemic_uncertainty(kind, dimer_
 
 
 def _trainer(config_kw, dimer_file, out):
-    from ase_race.config import TrainConfig
+    from ase_race.training import TrainConfig
     from ase_race.training.api import prepare
     from ase_race.training.batches import GraphDataset
     from ase_race.training.loop import Trainer
+    from ase_race.training.methods import method_class
 
     settings = dict(
         train_file=str(dimer_file), e0s={"H": 0.0}, valid_fraction=4, preset="tiny", model=TINY, loss="nll_jef",
@@ -388,17 +389,17 @@ def _trainer(config_kw, dimer_file, out):
     cfg = TrainConfig(**{**settings, **config_kw})
     model_config, train_frames, valid_frames = prepare(cfg)
     sets = [GraphDataset(f, model_config.species, model_config.r_max, torch.float64) for f in (train_frames, valid_frames)]
-    return cfg, Trainer(cfg, model_config, *sets)
+    return cfg, Trainer(cfg, model_config, *sets, hooks=method_class(cfg.method).hooks(cfg))
 
 
 def test_ivon_posterior_is_the_optimiser_state_and_survives_the_file(dimer_file, tmp_path):
-    from ase_race.training.methods import fit_ivon
+    from ase_race.training.methods import method_class
 
     cfg, trainer = _trainer({"method": "ivon"}, dimer_file, tmp_path / "run")
     trainer.run()
     group = trainer.optimizer.param_groups[0]
-    # fit_ivon resumes the finished run from its checkpoint and exports the optimiser's state.
-    fitted = fit_ivon(cfg, trainer.model_config, trainer.train_set, trainer.valid_set)
+    # The method's fit resumes the finished run from its checkpoint and exports the optimiser's state.
+    fitted = method_class("ivon")().fit(cfg, trainer.model_config, trainer.train_set, trainer.valid_set)
     post = fitted.posterior
     torch.testing.assert_close(post.variance, 1.0 / (group["ess"] * (group["hess"].double() + group["weight_decay"])))
     torch.testing.assert_close(flat_parameters(post.model), flat_parameters(trainer.model), rtol=0, atol=0)
@@ -411,7 +412,7 @@ def test_ivon_posterior_is_the_optimiser_state_and_survives_the_file(dimer_file,
 
 @pytest.mark.parametrize("method", ["ivon", "swag"])
 def test_interrupted_ivon_and_swag_runs_resume_exactly(method, dimer_file, tmp_path):
-    extra = {"method": method, "swag_start_epoch": 0, "swag_rank": 2, "max_epochs": 3}
+    extra = {"method": method, "swag": {"start_epoch": 0, "rank": 2}, "max_epochs": 3}
     _, whole = _trainer(extra, dimer_file, tmp_path / "whole")
     whole.run()
     _, first = _trainer(extra, dimer_file, tmp_path / "split")
@@ -423,7 +424,8 @@ def test_interrupted_ivon_and_swag_runs_resume_exactly(method, dimer_file, tmp_p
     if method == "ivon":
         torch.testing.assert_close(second.optimizer.param_groups[0]["hess"], whole.optimizer.param_groups[0]["hess"], rtol=0, atol=0)
     else:
-        torch.testing.assert_close(torch.stack(second.swag.deviations), torch.stack(whole.swag.deviations), rtol=0, atol=0)
+        deviations = [torch.stack(t.hooks.collector.deviations) for t in (second, whole)]
+        torch.testing.assert_close(*deviations, rtol=0, atol=0)
 
 
 def test_mse_ensemble_has_finite_bald_and_only_epistemic_variance(ethanol):
@@ -440,7 +442,7 @@ def test_mse_ensemble_has_finite_bald_and_only_epistemic_variance(ethanol):
 def test_diverged_training_stops_with_a_clear_error(dimer_file, tmp_path):
     from ase_race.errors import TrainingError
 
-    cfg, trainer = _trainer({"method": "ivon", "ivon_lr": 1e30, "ivon_clip_radius": 1e30, "checkpoint_every": 1},
+    cfg, trainer = _trainer({"method": "ivon", "ivon": {"lr": 1e30, "clip_radius": 1e30}, "checkpoint_every": 1},
                             dimer_file, tmp_path / "run")
     with pytest.raises(TrainingError, match="diverged in epoch 0.*'ivon', learning rate 1e\\+30"):
         trainer.run()

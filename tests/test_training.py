@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ase_race import RACECalculator, load_model
-from ase_race.config import TrainConfig
+from ase_race.training import TrainConfig
 from ase_race.training import train
 
 TINY = {"num_features": 4, "hidden_irreps": "4x0e+4x1o", "sh_lmax": 1, "radial_mlp": [8], "readout_hidden": 4, "dtype": "float64"}
@@ -49,7 +49,7 @@ def test_train_end_to_end(emt_file, tmp_path):
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from ase_race.config import TrainConfig
+    from ase_race.training import TrainConfig
     from ase_race.training import train
     cfg = TrainConfig.from_yaml(sys.argv[1])
     kill_at = int(sys.argv[2])
@@ -136,7 +136,7 @@ DDP_WORKER = textwrap.dedent(
     """
     import os, sys, torch
     import torch.distributed as dist
-    from ase_race.config import TrainConfig
+    from ase_race.training import TrainConfig
     from ase_race.training.api import prepare
     from ase_race.training.batches import GraphDataset
     from ase_race.training.loop import Trainer

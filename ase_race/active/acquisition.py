@@ -1,4 +1,4 @@
-"""Acquisition functions over a pool of structures (SPEC §4, §8).
+"""Acquisition functions over a pool of structures (docs/active_learning.md).
 
 Scores (higher = more worth labelling):
 

@@ -1,4 +1,4 @@
-"""The active-learning loop: train, score the pool, label the best, repeat (SPEC §8).
+"""The active-learning loop: train, score the pool, label the best, repeat (docs/active_learning.md).
 
 Round k trains a posterior (the config's ``method``; BALD and the energy std need an epistemic
 one such as ``ensemble``) on the labelled set of size ``sizes[k]``, evaluates it on a test set
@@ -17,8 +17,9 @@ On disk, under ``out_dir``::
     state.json              labelled pool indices per round (written atomically)
     learning_curve.csv      size, energy/force MAE and RMSE on the test set, wall time
 
-A killed loop resumes: finished rounds are read back, an unfinished training run resumes
-from its checkpoint, and labels already computed are not requested again.
+Each round trains from its labelled structures in memory; the files are its record. A killed
+loop resumes: finished rounds are read back, an unfinished training run resumes from its
+checkpoint, and labels already computed are not requested again.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ import numpy as np
 from ase import Atoms
 from ase.io import read, write
 
-from ..config import TrainConfig
-from ..data import Frame
+from ..data import Frame, KeyMap
 from ..errors import ConfigError
 from ..evaluation import mae, rmse
 from ..modelfile import atomic_write_text
+from ..training import TrainConfig
 from .acquisition import STRATEGIES, acquisition_scores, rdf_descriptor, select
 
 log = logging.getLogger("ase_race.active")
 
+#: where labelled structures keep their labels (as :func:`label_with` and :func:`label_from_pool` write them)
+LABEL_KEYS = KeyMap(energy="REF_energy", forces="REF_forces")
 CURVE_FIELDS = ("round", "n_train", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "wall_s")
 
 
@@ -140,8 +143,8 @@ def active_learn(
             normalisation (E0s, scale, shift) then stays that of round 0.
     """
     from ..calculator import RACECalculator
-    from ..modelfile import load_model
-    from ..training.api import train
+    from ..modelfile import load_model, save_model
+    from ..training import as_frames, fit
     from ..training.assess import gather
 
     if strategy not in STRATEGIES:
@@ -166,6 +169,7 @@ def active_learn(
     descriptors = np.stack([rdf_descriptor(a) for a in pool]) if diversity > 0 else None
 
     curve: list[RoundResult] = []
+    bundle = None  # the previous round's model
     known: dict[int, Atoms] = {}  # pool index → labelled structure, from the rounds so far
     for k, size in enumerate(sizes):
         start = time.perf_counter()
@@ -174,23 +178,29 @@ def active_learn(
         round_dir.mkdir(exist_ok=True)
         train_file = round_dir / "train.extxyz"
         if not train_file.exists():  # label only what no earlier round labelled
-            frames = [known[i] if i in known else label(i) for i in labelled]
-            for i, atoms in zip(labelled, frames):
+            new_labels = [known[i] if i in known else label(i) for i in labelled]
+            for i, atoms in zip(labelled, new_labels):
                 atoms.info["pool_index"] = int(i)
-            _atomic_write_extxyz(train_file, frames)
+            _atomic_write_extxyz(train_file, new_labels)
+        # Train on the structures as recorded (extxyz keeps positions to 1e-8 Å), so that a
+        # resumed loop trains on exactly the data an uninterrupted one did.
         known.update({int(a.info["pool_index"]): a for a in read(train_file, ":")})
+        frames = as_frames([known[i] for i in labelled], LABEL_KEYS, "labelled structure")
         model_path = round_dir / "model.pt"
-        if not model_path.exists() and warm_start and k > 0:
-            _fine_tune_round(out / f"round_{k - 1:02d}" / "model.pt", train_file, model_path, config,
-                             epochs_for(size, structures_per_round, min_epochs) if structures_per_round else config.max_epochs,
-                             warm_start_lr)
-        if not model_path.exists():
+        if model_path.exists():
+            bundle = load_model(model_path)
+        elif warm_start and k > 0:
+            bundle = _fine_tune_round(bundle, str(out / f"round_{k - 1:02d}" / "model.pt"), frames, config,
+                                      epochs_for(size, structures_per_round, min_epochs) if structures_per_round else config.max_epochs,
+                                      warm_start_lr)
+            save_model(model_path, bundle.posterior, calibration=bundle.calibration, metadata=bundle.metadata)
+        else:
             round_config = config.replace(train_file=str(train_file), output_dir=str(round_dir), model_name="model",
-                                          energy_key="REF_energy", forces_key="REF_forces", test_file="")
+                                          energy_key=LABEL_KEYS.energy, forces_key=LABEL_KEYS.forces, test_file="")
             if structures_per_round:
                 round_config = round_config.replace(max_epochs=epochs_for(size, structures_per_round, min_epochs))
-            train(round_config)
-        bundle = load_model(model_path)  # read once: the test errors and the acquisition share it
+            bundle = fit(round_config, train=frames)
+            save_model(model_path, bundle.posterior, metadata=bundle.metadata)
         result = RoundResult(k, size, *(_test_errors(gather(bundle, list(test))) if test else (math.nan,) * 4),
                              wall_s=time.perf_counter() - start)
         if k + 1 < len(sizes) and len(rounds) == k + 1:
@@ -207,19 +217,16 @@ def active_learn(
     return curve
 
 
-def _fine_tune_round(previous: Path, train_file: Path, model_path: Path, config: TrainConfig, epochs: int,
-                     lr: float) -> None:
-    from ..data import KeyMap, read_frames
-    from ..modelfile import load_model, save_model
+def _fine_tune_round(previous, previous_path: str, frames: list[Frame], config: TrainConfig, epochs: int, lr: float):
+    """The previous round's posterior fine-tuned on this round's labelled ``frames``."""
+    from ..modelfile import ModelBundle
     from ..training.finetune import fine_tune
 
-    bundle = load_model(previous)
-    frames = read_frames(train_file, keys=KeyMap(energy="REF_energy", forces="REF_forces"))
-    tuned = fine_tune(bundle.posterior, frames, epochs=epochs, lr=lr, loss=config.loss,
+    tuned = fine_tune(previous.posterior, frames, epochs=epochs, lr=lr, loss=config.loss,
                       batch_size=config.batch_size, seed=config.seed)
-    metadata = {**bundle.metadata, "active_learning": {"fine_tuned_from": str(previous), "epochs": epochs, "lr": lr,
-                                                       "n_train": len(frames)}}
-    save_model(model_path, tuned, calibration=bundle.calibration, metadata=metadata)
+    metadata = {**previous.metadata, "active_learning": {"fine_tuned_from": previous_path, "epochs": epochs, "lr": lr,
+                                                         "n_train": len(frames)}}
+    return ModelBundle(tuned, previous.calibration, metadata)
 
 
 def _test_errors(g) -> tuple[float, float, float, float]:

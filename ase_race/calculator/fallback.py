@@ -22,6 +22,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.io import read, write
 
 from .. import _keys as K
+from .._atomic import atomic_write_bytes
 from ..errors import RaceError, TrainingError
 from .ase_calc import RACECalculator
 
@@ -58,8 +59,10 @@ class LabelledFrames:
     """An extxyz dataset that only ever grows by whole frames.
 
     Each append writes the old content plus the new frame to a temporary file in the same
-    folder, fsyncs it and renames it over the dataset: a crash leaves either the old or the new
-    file, never a truncated frame. Frames already present (same :func:`structure_key`) are not
+    folder, fsyncs it and renames it over the dataset (:mod:`ase_race._atomic`): a crash leaves
+    either the old or the new file, never a truncated frame. There is no lock: two processes
+    appending to one file at the same moment each write a whole file, and the later rename
+    wins, so give concurrent runs their own dataset files. Frames already present (same :func:`structure_key`) are not
     written again, so a restarted run does not duplicate them, and their reference labels can
     be looked up (:meth:`label`) instead of being computed again.
     """
@@ -107,13 +110,7 @@ class LabelledFrames:
         buffer = io.StringIO()
         write(buffer, atoms, format="extxyz")
         old = self.path.read_bytes() if self.path.exists() else b""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(old + buffer.getvalue().encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, old + buffer.getvalue().encode())
         self._keys.add(key)
         self._remember(key, atoms)
         return True

@@ -43,7 +43,7 @@ def run(args) -> int:
     from ase.io import read
 
     from ..active.loop import active_learn, label_from_pool, label_with, plot_curves
-    from ..config import TrainConfig
+    from ..training import TrainConfig
     from ..data import KeyMap, read_frames
     from .md import REFERENCES
 
@@ -54,7 +54,7 @@ def run(args) -> int:
     if path and "=" in path:
         overrides.insert(0, path)
         path = None
-    defaults = ["method=ensemble", "members=4"] if path is None else []
+    defaults = ["method=ensemble", "ensemble.members=4"] if path is None else []
     config = TrainConfig.from_yaml(path, defaults + overrides)
     keys = KeyMap(energy=config.energy_key, forces=config.forces_key)
     if args.reference:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..config import LAPLACE_SUBSETS, METHODS
+#: the methods and Laplace subsets (kept in sync with ase_race.training.methods by a test)
+METHODS = ("mve", "ensemble", "swag", "ivon", "laplace")
+LAPLACE_SUBSETS = ("all", "last_layer")
 
 
 def add_parser(sub) -> None:
@@ -26,13 +28,13 @@ def add_parser(sub) -> None:
 
 
 #: flag → TrainConfig key; every method option is also a key=value override (docs/training.md).
-FLAGS = {"method": "method", "members": "members", "test_samples": "test_samples",
-         "laplace_subset": "laplace_subset", "base_model": "base_model"}
+#: ``{method}`` is the method the config runs (the samples are that method's option).
+FLAGS = {"method": "method", "members": "ensemble.members", "test_samples": "{method}.test_samples",
+         "laplace_subset": "laplace.subset", "base_model": "laplace.base_model"}
 
 
 def run(args) -> int:
-    from ..config import TrainConfig
-    from ..training import train
+    from ..training import TrainConfig, train
 
     # Allow "ase-race train key=value ..." without a config file.
     overrides = list(args.overrides)
@@ -41,8 +43,14 @@ def run(args) -> int:
         overrides.insert(0, path)
         path = None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    flags = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name) is not None]
-    config = TrainConfig.from_yaml(path, overrides + flags)
+    method = [f"method={args.method}"] if args.method else []
+    config = TrainConfig.from_yaml(path, overrides + method)
+    flags = [f"{key.format(method=config.method)}={getattr(args, name)}" for name, key in FLAGS.items()
+             if name != "method" and getattr(args, name) is not None]
+    if flags:
+        if args.test_samples is not None and not hasattr(config.method_options, "test_samples"):
+            raise SystemExit(f"--test-samples: method {config.method!r} draws no weight samples")
+        config = TrainConfig.from_yaml(path, overrides + method + flags)
     out = train(config)
     print(f"model written to {out}")
     return 0

@@ -1,4 +1,9 @@
-"""Metrics that say whether predicted uncertainties can be trusted (SPEC §9)."""
+"""Metrics that say whether predicted uncertainties can be trusted.
+
+:mod:`.metrics` works on arrays of errors and standard deviations (numpy); :mod:`.gaussian`
+holds the Gaussian likelihood terms in torch, shared with the training loss. docs/evaluation.md
+describes ``ase-race evaluate``, which reports them.
+"""
 
 from .metrics import (
     LEVELS,

@@ -1,7 +1,10 @@
-"""Accuracy and uncertainty-quality metrics for Gaussian predictions (SPEC §9), in numpy.
+"""Accuracy and uncertainty-quality metrics for Gaussian predictions, on arrays.
 
 Every function takes errors e = y − μ and predicted standard deviations σ (same shape, any
-unit, flattened) and returns plain floats. Conventions:
+unit, flattened; numpy arrays or anything ``np.asarray`` reads) and returns plain floats. The
+Gaussian NLL is :mod:`ase_race.evaluation.gaussian`'s, the one the training loss and the
+training-time evaluation use. docs/evaluation.md shows how the metrics are reported.
+Conventions:
 
 * confidence levels p_j = j/20, j = 0 … 20 (21 levels, Kuleshov et al. 2018); the observed
   coverage p̂_j is the fraction of |e| ≤ σ z_j with z_j = Φ⁻¹((1 + p_j)/2), the central
@@ -18,8 +21,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 from scipy.special import ndtri
 from scipy.stats import rankdata
+
+from .gaussian import gaussian_nll_scalar
 
 LEVELS = np.linspace(0.0, 1.0, 21)
 
@@ -40,9 +46,9 @@ def rmse(errors) -> float:
 
 
 def gaussian_nll(errors, std) -> float:
-    """Mean of ½[log(2πσ²) + e²/σ²] per element (nats)."""
+    """Mean of ½[e²/σ² + log(2πσ²)] per element (nats), by :func:`.gaussian.gaussian_nll_scalar`."""
     e, s = _flat(errors, std)
-    return float(np.mean(0.5 * (np.log(2 * math.pi * s**2) + (e / s) ** 2)))
+    return float(gaussian_nll_scalar(torch.from_numpy(e), torch.from_numpy(s) ** 2).mean())
 
 
 def observed_coverage(errors, std, levels=LEVELS) -> np.ndarray:

@@ -1,4 +1,6 @@
-"""The RACE interaction layer with restratification, and the per-layer readout (SPEC §2).
+"""The RACE interaction layer with restratification, and the per-layer readout.
+
+The equations, with the symbols used here, are in docs/architecture.md (section Equations).
 
 Shapes: ``n`` atoms, ``e`` edges; features are e3nn irreps tensors ``(n, irreps.dim)`` in
 component normalisation.

@@ -2,11 +2,13 @@
 
     E    = Σ_i (scale · e_i + shift + E0(Z_i))                      eV
     F    = −∂E/∂r                                                    eV/Å
-    σ    = −(1/V) ∂E/∂ε  (ASE sign: stress = (1/V) ∂E/∂ε)             eV/Å³
+    W    = −∂E/∂ε                                                    eV     (virial)
+    σ    = (1/V) ∂E/∂ε = −W/V   (ASE's sign)                         eV/Å³
     σ_i² = scale² · exp(ℓ_i)                                        eV²
 
 where e_i, ℓ_i and the force-covariance parameters are sums over layers of the per-layer
-readouts (SPEC §2).
+readouts, and ε is a symmetric strain (see :mod:`ase_race.nn.derivatives`). The equations of
+every layer are in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
 from . import heads
+from .derivatives import derivative_inputs, energy_derivatives
 from .layers import Interaction, Readout
 from .radial import RadialEmbedding
 
@@ -220,27 +223,21 @@ class RACE(nn.Module):
         return out
 
     def _forward(self, graph, compute_forces, compute_stress, create_graph, edge_chunk):
-        positions = graph[K.POSITIONS]
-        inputs = []
-        strain = None
-        if compute_forces:
-            positions = positions.detach().requires_grad_(True)
-            inputs.append(positions)
-        if compute_stress:
-            strain = positions.new_zeros(graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
-            inputs.append(strain)
+        cell = graph[K.CELL]
+        positions, strain = derivative_inputs(
+            graph[K.POSITIONS], cell.shape[0], forces=compute_forces, stress=compute_stress
+        )
         out = self.outputs(graph, positions, strain, edge_chunk)
-        if inputs:
-            grads = torch.autograd.grad(
-                out[K.ENERGY].sum(), inputs, create_graph=create_graph, retain_graph=create_graph
+        if compute_forces or compute_stress:
+            d = energy_derivatives(
+                out[K.ENERGY].sum(), positions if compute_forces else None, strain, cell,
+                create_graph=create_graph, retain_graph=create_graph,
             )
             if compute_forces:
-                out[K.FORCES] = -grads[0]
+                out[K.FORCES] = d.forces
             if compute_stress:
-                volume = torch.linalg.det(graph[K.CELL]).abs()
-                virial = -grads[-1]
-                out[K.VIRIAL] = virial
-                out[K.STRESS] = -virial / volume[:, None, None]
+                out[K.VIRIAL] = d.virial
+                out[K.STRESS] = d.stress
         return out
 
 

@@ -1,4 +1,4 @@
-"""Posteriors over RACE weights behind one interface (SPEC §4)."""
+"""Posteriors over RACE weights behind one interface (docs/posteriors/README.md)."""
 
 from .base import Posterior, Prediction, posterior_class
 from .ensemble import EnsemblePosterior

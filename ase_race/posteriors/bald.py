@@ -1,4 +1,4 @@
-"""BALD: the mutual information between a label and the weights, in Gaussian form (SPEC §4).
+"""BALD: the mutual information between a label and the weights, in Gaussian form.
 
 For a predictive that mixes members m = 1 … M with variances σ_m² (or covariances Σ_m):
 

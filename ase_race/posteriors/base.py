@@ -52,11 +52,21 @@ class Prediction:
 
 
 class Posterior(ABC):
-    """An approximate posterior over RACE weights with a predictive for atomic graphs."""
+    """An approximate posterior over RACE weights with a predictive for atomic graphs.
+
+    Its whole predictive life cycle sits in its class: :meth:`predict`, the networks it is
+    built on (:meth:`networks`, :meth:`with_networks`: fine-tuning moves them without knowing
+    the kind), and its stored state (:meth:`state_dict`, :meth:`from_state_dict`, versioned by
+    ``state_version``). Fitting it from data is the job of the training method of the same
+    name in :mod:`ase_race.training.methods`.
+    """
 
     kind: ClassVar[str]
     #: True for posteriors that evaluate members or samples (energy_ensemble, forces_ensemble).
     provides_ensemble: ClassVar[bool] = False
+    #: layout version of :meth:`state_dict`; bump it (and handle the old one in
+    #: :meth:`upgrade_state`) whenever the stored tensors or keys change.
+    state_version: ClassVar[int] = 1
     _registry: ClassVar[dict[str, type["Posterior"]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -86,6 +96,46 @@ class Posterior(ABC):
     @abstractmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "Posterior":
         """Inverse of :meth:`state_dict`."""
+
+    @abstractmethod
+    def networks(self) -> list:
+        """The trainable RACE networks: the members of an ensemble, else the one (mean) network."""
+
+    @abstractmethod
+    def with_networks(self, networks: list) -> "Posterior":
+        """A posterior of the same kind whose networks are ``networks`` (same architecture, as
+        many as :meth:`networks` returns); everything else (a covariance, SWAG moments, an
+        IVON Hessian, the sample seed) is kept, and sampled posteriors redraw around the new mean."""
+
+    def describe(self) -> str:
+        """A short human-readable description: the kind and how many members or samples."""
+        return self.kind
+
+    @classmethod
+    def load_state(cls, config: ModelConfig, state: dict[str, Any], version: int = 1) -> "Posterior":
+        """:meth:`from_state_dict` for a state written with layout ``version``."""
+        if version > cls.state_version:
+            raise ConfigError(
+                f"the {cls.kind!r} posterior state has layout version {version}, this ase-race reads up "
+                f"to {cls.state_version}; upgrade ase-race to load it"
+            )
+        for old in range(version, cls.state_version):
+            state = cls.upgrade_state(state, old)
+        return cls.from_state_dict(config, state)
+
+    @classmethod
+    def upgrade_state(cls, state: dict[str, Any], version: int) -> dict[str, Any]:
+        """A version-``version`` state brought to version + 1 (override when bumping)."""
+        raise ConfigError(f"no upgrade of the {cls.kind!r} posterior state from version {version}")
+
+    def _check_networks(self, networks: list) -> list:
+        networks = list(networks)
+        if len(networks) != len(self.networks()):
+            raise ValueError(f"a {self.kind!r} posterior has {len(self.networks())} networks, got {len(networks)}")
+        for network in networks:
+            if network.config != self.config:
+                raise ValueError(f"the new networks must share the posterior's ModelConfig ({self.kind!r})")
+        return networks
 
     @abstractmethod
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Posterior":

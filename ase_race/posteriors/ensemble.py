@@ -27,11 +27,11 @@ def _check_compatible(models: list[RACE]) -> None:
 class EnsemblePosterior(Posterior):
     """M RACE networks (MSE- or NLL-trained) evaluated in one batched pass.
 
-    The predictive is the mixture of SPEC §4: mean of the members' means, aleatoric = mean of
-    their variances (zero-free only for NLL members), epistemic = their spread. MSE members
-    carry untrained variance heads; for them only the epistemic part is meaningful, and
-    ``aleatoric=False`` (stored in the file) replaces their head variances by the floor
-    ``cov_eps``.
+    The predictive is the mixture rule (:mod:`.mixture`): mean of the members' means,
+    aleatoric = mean of their variances (zero-free only for NLL members), epistemic = their
+    spread. MSE members carry untrained variance heads; for them only the epistemic part is
+    meaningful, and ``aleatoric=False`` (stored in the file) replaces their head variances by
+    the floor ``cov_eps``.
     """
 
     kind = "ensemble"
@@ -52,6 +52,16 @@ class EnsemblePosterior(Posterior):
     @property
     def n_members(self) -> int:
         return len(self.members)
+
+    def networks(self) -> list[RACE]:
+        return list(self.members)
+
+    def with_networks(self, networks: list[RACE]) -> "EnsemblePosterior":
+        return EnsemblePosterior(self._check_networks(networks), aleatoric=self.aleatoric)
+
+    def describe(self) -> str:
+        heads = "" if self.aleatoric else ", spread only"
+        return f"{self.kind} ({self.n_members} members{heads})"
 
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
         out = self._stacked(graph, compute_stress=compute_stress, edge_chunk=edge_chunk)

@@ -26,6 +26,7 @@ from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
+from ..nn.derivatives import derivative_inputs, energy_derivatives
 from .base import Posterior, Prediction, rebuilt_in
 
 
@@ -42,13 +43,9 @@ def last_layer_jacobians(
         (out, J_E (B, P), J_F (P or k, n, 3), J_S (P or k, B, 3, 3) or None), where ``out`` holds
         the usual outputs including ``forces`` (and ``stress``), and J_F = ∂F/∂w, J_S = ∂σ/∂w.
     """
+    cell = graph[K.CELL]
     with torch.enable_grad():
-        positions = graph[K.POSITIONS].detach().requires_grad_(True)
-        inputs = [positions]
-        strain = None
-        if compute_stress:
-            strain = positions.new_zeros(graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
-            inputs.append(strain)
+        positions, strain = derivative_inputs(graph[K.POSITIONS], cell.shape[0], stress=compute_stress)
         out = model.outputs(graph, positions, strain, edge_chunk, last_layer_features=True)
         features = out.pop(K.FEATURES)  # (n, P)
         n_graphs = graph[K.CELL].shape[0]
@@ -58,16 +55,14 @@ def last_layer_jacobians(
         # only change that graph's terms, so each row's gradient is per graph.
         projected = jac_e.sum(0) if basis is None else jac_e.sum(0) @ basis.to(jac_e.device, jac_e.dtype)
         rows = torch.cat([out[K.ENERGY].sum().to(jac_e.dtype)[None], projected])
-        eye = torch.eye(rows.shape[0], dtype=rows.dtype, device=rows.device)
-        grads = torch.autograd.grad(rows, inputs, grad_outputs=eye, is_grads_batched=True)
+        d = energy_derivatives(rows, positions, strain, cell)  # (1 + P or k, …) by rows
     out = {k: v.detach() for k, v in out.items()}
-    out[K.FORCES] = -grads[0][0]
-    jac_f = -grads[0][1:]
+    out[K.FORCES] = d.forces[0]
+    jac_f = d.forces[1:]
     jac_s = None
     if compute_stress:
-        volume = torch.linalg.det(graph[K.CELL]).abs()[:, None, None]
-        out[K.STRESS] = grads[1][0] / volume
-        jac_s = grads[1][1:] / volume
+        out[K.STRESS] = d.stress[0]
+        jac_s = d.stress[1:]
     return out, jac_e.detach(), jac_f, jac_s
 
 
@@ -155,6 +150,17 @@ class LastLayerLaplacePosterior(Posterior):
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def networks(self) -> list[RACE]:
+        return [self.model]
+
+    def with_networks(self, networks: list[RACE]) -> "LastLayerLaplacePosterior":
+        return LastLayerLaplacePosterior(self._check_networks(networks)[0], self.covariance, self.hyper,
+                                         force_rank=self.force_rank, force_basis=self.force_basis)
+
+    def describe(self) -> str:
+        rank = f", force rank {self.force_rank}" if self.force_rank else ""
+        return f"{self.kind} ({self.covariance.shape[0]} last-layer weights{rank})"
 
     def predict(self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None) -> Prediction:
         # The basis columns are u_l √λ_l, so Σ_l (J u_l √λ_l)(…)ᵀ = J Σ Jᵀ on the kept directions.

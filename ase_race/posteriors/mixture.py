@@ -1,4 +1,4 @@
-"""The mixture rule for members or samples of a posterior (SPEC §4), as pure tensor functions.
+"""The mixture rule for members or samples of a posterior, as pure tensor functions.
 
 For predictions μ_m with variances σ_m², m = 1 … M:
 
@@ -6,6 +6,9 @@ For predictions μ_m with variances σ_m², m = 1 … M:
     aleatoric  = mean_m σ_m²
     epistemic  = var_m μ_m          (population variance, ddof 0)
     total      = aleatoric + epistemic
+
+Ensembles mix their members with it, and SWAG, IVON and the diagonal Laplace their weight
+samples (docs/posteriors/README.md).
 """
 
 from __future__ import annotations

@@ -49,6 +49,12 @@ class MVEPosterior(Posterior):
             stress_var_epistemic=torch.zeros_like(stress) if compute_stress else None,
         )
 
+    def networks(self) -> list[RACE]:
+        return [self.model]
+
+    def with_networks(self, networks: list[RACE]) -> "MVEPosterior":
+        return MVEPosterior(self._check_networks(networks)[0])
+
     def state_dict(self) -> dict[str, Any]:
         return {"weights": dict(self.model.state_dict())}
 

@@ -4,11 +4,12 @@ Each holds a mean network θ̄ and a recipe for θ ~ q(θ). At prediction time S
 are drawn once (from a generator seeded with ``sample_seed``, never the global RNG) and kept,
 so repeated calls, e.g. the steps of an MD run, see the same samples and a smooth potential.
 The S samples are evaluated together by :class:`~.stacked.StackedModel` and mixed with the
-rule of SPEC §4, exactly like the members of an ensemble.
+rule of :mod:`~.mixture`, exactly like the members of an ensemble.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import abstractmethod
 from typing import Any
@@ -41,6 +42,18 @@ class SampledPosterior(Posterior):
     @property
     def config(self) -> ModelConfig:
         return self.model.config
+
+    def networks(self) -> list[RACE]:
+        return [self.model]
+
+    def with_networks(self, networks: list[RACE]) -> "SampledPosterior":
+        new = copy.copy(self)
+        new.model = self._check_networks(networks)[0].eval()
+        new._stacked = None  # the samples are drawn again around the new mean
+        return new
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.n_samples} samples)"
 
     @property
     def mean(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Evaluate M weight sets of one RACE architecture in one batched pass (SPEC §4).
+"""Evaluate M weight sets of one RACE architecture in one batched pass.
 
 Members of an ensemble and samples of SWAG, IVON or Laplace share the architecture and differ
 only in their parameter values. Rather than M Python-level forward/backward passes, the
@@ -10,7 +10,8 @@ parameters are stacked along a new leading dimension and the network is vmapped 
 
 Because E_m depends on r_m only, the gradient of the summed energies with respect to the
 stacked positions gives each member's own forces. Stress works the same way with one strain
-tensor per member.
+tensor per member (:mod:`ase_race.nn.derivatives`). How the members' outputs are combined is
+:mod:`ase_race.posteriors.mixture`; docs/posteriors/README.md compares the methods.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.func import functional_call, vmap
 from .. import _keys as K
 from ..graph import AtomicGraph
 from ..nn import RACE
+from ..nn.derivatives import derivative_inputs, energy_derivatives
 
 
 class _Outputs(nn.Module):
@@ -133,13 +135,9 @@ class StackedModel:
     def _evaluate(self, graph, params, compute_stress):
         m = next(iter(params.values())).shape[0]
         buffers = {name: b for name, b in self._module.named_buffers()}
+        cell = graph[K.CELL]
         with torch.enable_grad():
-            positions = graph[K.POSITIONS].detach().expand(m, -1, -1).clone().requires_grad_(True)
-            inputs = [positions]
-            strain = None
-            if compute_stress:
-                strain = positions.new_zeros(m, graph[K.CELL].shape[0], 3, 3).requires_grad_(True)
-                inputs.append(strain)
+            positions, strain = derivative_inputs(graph[K.POSITIONS], cell.shape[0], stress=compute_stress, n_members=m)
 
             def one(p, pos, eps):
                 return functional_call(self._module, ({f"model.{k}": v for k, v in p.items()}, buffers), (graph, pos, eps))
@@ -149,17 +147,16 @@ class StackedModel:
                 out = {k: v.unsqueeze(0) for k, v in single.items()}
             else:
                 out = vmap(one, in_dims=(0, 0, 0 if compute_stress else None))(params, positions, strain)
-            grads = torch.autograd.grad(out[K.ENERGY].sum(), inputs)
+            d = energy_derivatives(out[K.ENERGY].sum(), positions, strain, cell)
         result = {
             K.ENERGY: out[K.ENERGY].detach(),
             K.NODE_ENERGY: out[K.NODE_ENERGY].detach(),
             K.ENERGY_VAR: out[K.ENERGY_VAR].detach(),
             K.FORCES_COV: out[K.FORCES_COV].detach(),
-            K.FORCES: -grads[0],
+            K.FORCES: d.forces,
         }
         if compute_stress:
-            volume = torch.linalg.det(graph[K.CELL]).abs()
-            result[K.STRESS] = grads[1] / volume[:, None, None]
+            result[K.STRESS] = d.stress
         return result
 
 

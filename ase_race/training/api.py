@@ -1,4 +1,10 @@
-"""``train(config) -> Path``: from a TrainConfig to an exported model file."""
+"""From a :class:`TrainConfig` and labelled data to a fitted posterior.
+
+:func:`fit` takes the data in memory (lists of :class:`~ase_race.data.Frame` or of labelled
+``ase.Atoms``) or reads the config's files, and returns a :class:`~ase_race.modelfile.ModelBundle`;
+:func:`train` is :func:`fit` plus writing the model file and ``metrics.json`` (what
+``ase-race train CONFIG`` runs).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,18 @@ from pathlib import Path
 
 from ase.data import atomic_numbers, chemical_symbols
 
-from ..config import ModelConfig, TrainConfig
-from ..data import KeyMap, dataset_statistics, fit_e0s, isolated_atom_e0s, read_frames, split_frames
-from ..data.readers import fingerprint
+from typing import Sequence
+
+from ase import Atoms
+
+from ..config import ModelConfig
+from ..data import Frame, KeyMap, dataset_statistics, fit_e0s, isolated_atom_e0s, read_frames, split_frames
+from ..data.readers import fingerprint, frame_from_atoms
 from ..errors import ConfigError, DataError
-from ..modelfile import atomic_write_text, save_model
+from ..modelfile import ModelBundle, atomic_write_text, save_model
 from ..nn import TORCH_DTYPES
 from .batches import GraphDataset
+from .config import TrainConfig
 from .metrics import evaluate_dataset
 
 log = logging.getLogger("ase_race.training")
@@ -44,16 +55,43 @@ def label_keys(config: TrainConfig) -> KeyMap:
     return KeyMap(energy=config.energy_key, forces=config.forces_key, stress=config.stress_key)
 
 
-def prepare(config: TrainConfig):
-    """Read and split the data and derive the model config. Returns (model_config, train, valid)."""
-    if not config.train_file:
-        raise ConfigError("train_file is not set")
+#: labelled structures in memory: the package's frames, or ``ase.Atoms`` with their labels under
+#: the config's keys (or attached by a calculator)
+Structures = Sequence[Frame | Atoms]
+
+
+def as_frames(items: Structures, keys: KeyMap, what: str = "structure") -> list[Frame]:
+    """``items`` as frames; ``Atoms`` are read with ``keys``, and named in errors by position."""
+    frames = []
+    for i, item in enumerate(items):
+        if isinstance(item, Frame):
+            frames.append(item)
+        elif isinstance(item, Atoms):
+            frames.append(frame_from_atoms(item, keys, source=f"{what} {i}"))
+        else:
+            raise DataError(f"{what} {i} is a {type(item).__name__}, not an ase.Atoms or a Frame")
+    return frames
+
+
+def prepare(config: TrainConfig, train: Structures | None = None, valid: Structures | None = None):
+    """The data sets and the model config of a run. Returns (model_config, train, valid).
+
+    ``train`` and ``valid`` (in memory) replace ``train_file`` and ``valid_file``; without a
+    validation set, ``valid_fraction`` of the training set is split off with ``seed``.
+    Isolated-atom frames among the training data are E0 references, not training structures.
+    """
     keys = label_keys(config)
-    frames = read_frames(config.train_file, keys=keys)
+    if train is not None:
+        frames = as_frames(train, keys, "training structure")
+    elif config.train_file:
+        frames = read_frames(config.train_file, keys=keys)
+    else:
+        raise ConfigError("no training data: set train_file or pass the structures")
     isolated = [f for f in frames if f.is_isolated_atom]
     frames = [f for f in frames if not f.is_isolated_atom]
-    if config.valid_file:
-        valid = [f for f in read_frames(config.valid_file, keys=keys) if not f.is_isolated_atom]
+    if valid is not None or config.valid_file:
+        given = as_frames(valid, keys, "validation structure") if valid is not None else read_frames(config.valid_file, keys=keys)
+        valid = [f for f in given if not f.is_isolated_atom]
         train = frames
     else:
         train, valid = split_frames(frames, config.valid_fraction, config.seed)
@@ -74,26 +112,44 @@ def prepare(config: TrainConfig):
     return model_config, train, valid
 
 
-def train(config: TrainConfig, on_step=None) -> Path:
-    """Train the posterior ``config.method``, evaluate it on ``test_file``, export the model.
+def fit(
+    config: TrainConfig,
+    train: Structures | None = None,
+    valid: Structures | None = None,
+    test: Structures | None = None,
+    *,
+    on_step=None,
+    in_memory: bool = False,
+) -> ModelBundle | None:
+    """Fit the posterior ``config.method`` and evaluate it; nothing is written but checkpoints.
 
-    Returns the path of the written model file (``output_dir/model_name.pt``).
+    Args:
+        config: the run's settings; its data files are read only where no data are passed.
+        train, valid, test: labelled structures in memory (see :func:`prepare`); ``test``
+            replaces ``test_file`` for the final evaluation.
+        on_step: callback ``f(trainer)`` after every optimiser step.
+        in_memory: write no checkpoints either (the run cannot be resumed).
+    Returns:
+        the posterior with its metadata (training summary, validation and test metrics), or
+        None on data-parallel ranks other than 0.
     """
-    from .methods import FITTERS
+    from .methods import method_class
 
-    model_config, train_frames, valid_frames = prepare(config)
+    model_config, train_frames, valid_frames = prepare(config, train, valid)
     dtype = TORCH_DTYPES[model_config.dtype]
     train_set = GraphDataset(train_frames, model_config.species, model_config.r_max, dtype)
     valid_set = GraphDataset(valid_frames, model_config.species, model_config.r_max, dtype)
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    if not in_memory:
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     log.info("%s: training on %d structures, validating on %d; %s", config.method, len(train_set), len(valid_set), model_config)
-    result = FITTERS[config.method](config, model_config, train_set, valid_set, on_step)
+    result = method_class(config.method)().fit(config, model_config, train_set, valid_set, in_memory=in_memory, on_step=on_step)
     if result is None:  # a rank other than 0 in data-parallel training
-        return Path(config.output_dir) / f"{config.model_name}.pt"
+        return None
     posterior = result.posterior
     metrics = {"valid": evaluate_dataset(posterior, valid_set)}
-    if config.test_file:
-        test_frames = read_frames(config.test_file, keys=label_keys(config))
+    if test is not None or config.test_file:
+        keys = label_keys(config)
+        test_frames = as_frames(test, keys, "test structure") if test is not None else read_frames(config.test_file, keys=keys)
         metrics["test"] = evaluate_dataset(posterior, GraphDataset(test_frames, model_config.species, model_config.r_max, dtype))
     metadata = {
         "training": {
@@ -105,7 +161,27 @@ def train(config: TrainConfig, on_step=None) -> Path:
         },
         "metrics": metrics,
     }
-    path = save_model(Path(config.output_dir) / f"{config.model_name}.pt", posterior, metadata=metadata)
+    return ModelBundle(posterior, metadata=metadata)
+
+
+def train(
+    config: TrainConfig,
+    train: Structures | None = None,
+    valid: Structures | None = None,
+    test: Structures | None = None,
+    *,
+    on_step=None,
+) -> Path:
+    """:func:`fit`, then write ``output_dir/model_name.pt`` and ``metrics.json``; returns the path.
+
+    Rerunning a killed run with the same settings resumes it from its checkpoints.
+    """
+    path = Path(config.output_dir) / f"{config.model_name}.pt"
+    bundle = fit(config, train, valid, test, on_step=on_step)
+    if bundle is None:
+        return path
+    save_model(path, bundle.posterior, metadata=bundle.metadata)
+    metrics = bundle.metadata["metrics"]
     atomic_write_text(Path(config.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     log.info("wrote %s; %s", path, json.dumps(metrics))
     return path

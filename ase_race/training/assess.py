@@ -17,6 +17,7 @@ import torch
 from .. import _keys as K
 from ..data import Frame
 from ..evaluation import LEVELS, auroc, observed_coverage, uncertainty_report
+from ..evaluation.gaussian import mahalanobis
 from ..modelfile import Calibration, ModelBundle
 from .batches import GraphDataset
 
@@ -56,7 +57,7 @@ def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device
         ale_e, epi_e, ale_f, epi_f = ale_e * e_factor, epi_e * e_factor, ale_f * f_factor, epi_f * f_factor
         cov = ale_f + epi_f
         delta = (batch.ref["forces"].double() - pred.forces.double())
-        maha = (delta.unsqueeze(1) @ torch.linalg.solve(cov, delta.unsqueeze(-1))).reshape(-1)
+        maha = mahalanobis(delta, cov)
         diag = lambda c: torch.diagonal(c, dim1=1, dim2=2).reshape(-1)  # noqa: E731
         trace = torch.diagonal(cov, dim1=1, dim2=2).sum(-1)
         graph_of_atom = batch.graph[K.BATCH]

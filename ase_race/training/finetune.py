@@ -13,15 +13,14 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import tempfile
 from typing import Sequence
 
 import numpy as np
 
-from ..config import TrainConfig
 from ..data import Frame
-from ..posteriors import EnsemblePosterior, Posterior
+from ..posteriors import Posterior
 from .batches import GraphDataset
+from .config import TrainConfig
 from .loop import Trainer
 
 log = logging.getLogger("ase_race.training")
@@ -54,8 +53,7 @@ def fine_tune(posterior: Posterior, frames: list[Frame], epochs: int = 20, lr: f
     """
     if not frames or epochs <= 0:
         return posterior
-    tuned = copy.deepcopy(posterior)
-    networks = _networks(tuned)
+    networks = [copy.deepcopy(network) for network in posterior.networks()]
     config = networks[0].config
     replay = [f for f in replay if not f.is_isolated_atom]
     n_replay = len(replay) if replay_size is None else min(int(replay_size), len(replay))
@@ -65,27 +63,23 @@ def fine_tune(posterior: Posterior, frames: list[Frame], epochs: int = 20, lr: f
         size = min(batch_size, len(data))
         steps = epochs * -(-len(data) // size)
         decay = min(ema_decay, max(0.0, 1.0 - 2.0 / steps))
-        with tempfile.TemporaryDirectory() as out:
-            train_config = TrainConfig(
-                loss=loss, lr=lr, max_epochs=epochs, batch_size=size, warmup_epochs=0,
-                energy_weight=1.0, forces_weight=1.0, ema_decay=decay, output_dir=out, seed=seed + k,
-                checkpoint_every=10**9, plateau_patience=10**6,
-            )
-            trainer = Trainer(train_config, config, data, data, initial_weights=network.state_dict())
-            trainer.run()
-            network.load_state_dict(trainer.best_model().state_dict())
-    if isinstance(tuned, EnsemblePosterior):
-        tuned = EnsemblePosterior(tuned.members, aleatoric=tuned.aleatoric)
-    elif hasattr(tuned, "_stacked"):
-        tuned._stacked = None  # sampled posteriors redraw around the new mean
+        # A constant learning rate (plateau_factor 1): the few new frames are also the
+        # validation set, whose loss says little about when to decay.
+        train_config = TrainConfig(
+            loss=loss, lr=lr, max_epochs=epochs, batch_size=size, warmup_epochs=0,
+            energy_weight=1.0, forces_weight=1.0, ema_decay=decay, seed=seed + k, plateau_factor=1.0,
+        )
+        trainer = Trainer(train_config, config, data, data, initial_weights=network.state_dict(), in_memory=True)
+        trainer.run()
+        network.load_state_dict(trainer.best_model().state_dict())
+    tuned = posterior.with_networks(networks)
     log.info("fine-tuned %d network(s) on %d new frames and %d rehearsed for %d epochs",
              len(networks), len(frames), n_replay, epochs)
     return tuned
 
 
 def _networks(posterior: Posterior) -> list:
-    """The trainable networks of a posterior: the members of an ensemble, else its mean network."""
-    return list(posterior.members) if isinstance(posterior, EnsemblePosterior) else [posterior.model]
+    return posterior.networks()
 
 
 def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: Sequence[Frame] = (), **kwargs):

@@ -1,5 +1,10 @@
-"""The training loop: AMSGrad, gradient clipping, EMA, plateau LR decay, best-on-validation,
-and checkpoints that resume exactly.
+"""The training loop for one network: AMSGrad, gradient clipping, EMA, plateau LR decay,
+best-on-validation, and checkpoints that resume exactly.
+
+The loop knows no posterior method by name. A method that trains differently (IVON's
+optimiser and sampled steps, SWAG's snapshots) passes :class:`TrainingHooks`: an optimiser
+factory, the optimisation step, an end-of-epoch callback, and state that goes into the
+checkpoint.
 
 Exact resume: the checkpoint holds the weights, the optimiser, scheduler and EMA states, the
 shuffling generator's state, the current epoch's permutation and the position inside it. A run
@@ -21,12 +26,13 @@ from typing import Callable
 
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig
 from ..errors import ConfigError, TrainingError
 from ..modelfile import atomic_torch_save, atomic_write_text
 from ..nn import RACE, build_model
 from . import distributed as dist_utils
-from .batches import GraphDataset, predictions_for_loss
+from .batches import Batch, GraphDataset, predictions_for_loss
+from .config import TrainConfig
 from .losses import LossWeights, compute_loss
 from .metrics import evaluate_dataset
 
@@ -39,17 +45,24 @@ RESUMABLE_CHANGES = (
 )
 
 
-#: Keys that only affect one method (a member of an ensemble ignores the IVON settings).
-METHOD_PREFIXES = {"swag": ("swag_",), "ivon": ("ivon_",), "laplace": ("laplace_", "base_model")}
-
-
 def _relevant(config: dict) -> dict:
-    """The training-config entries that must match for a checkpoint to be resumed."""
-    method = config.get("method", "mve")
-    ignored = tuple(p for m, prefixes in METHOD_PREFIXES.items() if m != method for p in prefixes)
-    # used outside the training loop (the Laplace fit comes after it)
-    ignored += ("members", "test_samples", "laplace_", "base_model")
-    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and not k.startswith(ignored)}
+    """The training-config entries that must match for a checkpoint to be resumed.
+
+    ``config`` is a checkpoint's stored ``to_dict()`` (flat keys of earlier releases are read
+    too). Method sections count only for the method that runs, and only the options that
+    change the training run (``MethodOptions.training_keys``).
+    """
+    import warnings
+
+    from .methods import method_class
+
+    with warnings.catch_warnings():  # an old checkpoint's flat keys are not the user's doing
+        warnings.simplefilter("ignore", FutureWarning)
+        normalised = TrainConfig.from_dict(config)
+    out = {k: v for k, v in normalised.to_dict().items() if k not in RESUMABLE_CHANGES and k not in normalised.options}
+    method = method_class(normalised.method)
+    out["method_options"] = method.training_settings(normalised.method_options)
+    return out
 
 
 #: Settings that name files: equal when they name the same file, however spelled.
@@ -81,8 +94,44 @@ class TrainState:
     running_loss: float = 0.0  # sum of this epoch's step losses so far
 
 
+class TrainingHooks:
+    """How a posterior method changes the one-network training loop (the default: none).
+
+    Subclasses override what they need. Every hook gets the :class:`Trainer`, whose public
+    attributes (``config``, ``model``, ``net``, ``optimizer``, ``device``, ``state``) they may
+    read; they change the network's weights only through the optimiser.
+    """
+
+    def setup(self, trainer: "Trainer") -> None:
+        """Called once the network is built, before the optimiser is made."""
+
+    def make_optimizer(self, trainer: "Trainer") -> torch.optim.Optimizer | None:
+        """The optimiser of the run; None for the default (Adam/AMSGrad with the config's settings)."""
+        return None
+
+    def step(self, trainer: "Trainer", batch: Batch, ref: dict, warmup: bool) -> tuple[torch.Tensor, dict]:
+        """One optimisation step on this rank's share of a batch; returns (loss, parts)."""
+        return trainer.gradient_step(batch, ref, warmup)
+
+    def end_of_epoch(self, trainer: "Trainer") -> bool:
+        """Called after validation at the end of every epoch (``trainer.state.epoch`` is the
+        epoch that just ended). Return True when the hook sets the learning rate itself this
+        epoch, so that the plateau decay must not step."""
+        return False
+
+    def learning_rate(self, trainer: "Trainer") -> float:
+        return trainer.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """What the hook must carry across a checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict, trainer: "Trainer") -> None:
+        """Inverse of :meth:`state_dict`; ``state`` is {} for a checkpoint without one."""
+
+
 class Trainer:
-    """Trains one RACE network (``method: mve``) on a :class:`GraphDataset`.
+    """Trains one RACE network on a :class:`GraphDataset`.
 
     Args:
         config: the training configuration.
@@ -90,6 +139,9 @@ class Trainer:
         train, valid: datasets built in ``model_config.dtype``.
         on_step: optional callback ``f(trainer)`` after every optimiser step (tests use it).
         initial_weights: a state_dict to start from instead of random weights (fine-tuning).
+        hooks: the method's changes to the loop (see :class:`TrainingHooks`).
+        in_memory: keep everything in memory: no checkpoint is read or written and no
+            metrics.csv (a run that cannot be resumed, e.g. a short fine-tune).
     """
 
     def __init__(
@@ -100,11 +152,15 @@ class Trainer:
         valid: GraphDataset,
         on_step: Callable[["Trainer"], None] | None = None,
         initial_weights: dict | None = None,
+        hooks: TrainingHooks | None = None,
+        in_memory: bool = False,
     ):
         self.config = config
         self.model_config = model_config
         self.train_set, self.valid_set = train, valid
         self.on_step = on_step
+        self.hooks = hooks or TrainingHooks()
+        self.in_memory = in_memory
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.out_dir = Path(config.output_dir)
         dist_utils.init_from_environment(self.device)  # a no-op unless started by torchrun
@@ -121,39 +177,21 @@ class Trainer:
         if initial_weights is not None:  # fine-tuning: start from trained weights
             self.model.load_state_dict(initial_weights)
         self.eval_model = build_model(model_config).to(self.device)
-        self.ivon_step = 0
-        self.skipped_samples = 0
-        self.ivon_rng = torch.Generator().manual_seed(config.seed + 7919).get_state()
-        if config.method == "ivon":
-            import ivon
-
-            # The default effective sample size is the number of atoms: the loss averages the
-            # force NLL over atoms (one 3D term each), and that term dominates the likelihood,
-            # so N_atoms × loss is (close to) the total negative log-likelihood.
-            ess = config.ivon_ess or sum(len(f.atoms) for f in train.frames)
-            self.optimizer = ivon.IVON(
-                self.model.parameters(), lr=config.ivon_lr, ess=ess, hess_init=config.ivon_hess_init,
-                beta2=config.ivon_beta2, weight_decay=config.ivon_weight_decay, mc_samples=config.ivon_train_samples,
-                clip_radius=config.ivon_clip_radius,
-            )
-        else:
-            self.optimizer = torch.optim.Adam(
-                self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
-            )
-        self.swag = None
-        if config.method == "swag":
-            from .swag import SWAGCollector
-
-            self.swag = SWAGCollector(sum(p.numel() for p in self.model.parameters()), config.swag_rank)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
+        self.hooks.setup(self)
+        self.optimizer = self.hooks.make_optimizer(self) or torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, amsgrad=config.amsgrad, weight_decay=config.weight_decay
         )
+        self.scheduler = None
+        if config.plateau_factor < 1:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience, min_lr=config.min_lr
+            )
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.state = TrainState()
         self.weights = LossWeights(config.energy_weight, config.forces_weight, config.beta)
         self.net = dist_utils.wrap(self.model, self.device)
-        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
-        if self.checkpoint_path.exists():
+        self.checkpoint_path = None if in_memory else self.out_dir / CHECKPOINT_NAME
+        if self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint()
 
     # ------------------------------------------------------------------ checkpoints
@@ -166,7 +204,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "generator": self.generator.get_state(),
             "epoch": s.epoch,
             "step_in_epoch": s.step_in_epoch,
@@ -179,13 +217,13 @@ class Trainer:
             "elapsed_s": s.elapsed_s,
             "structures_seen": s.structures_seen,
             "running_loss": s.running_loss,
-            "ivon_step": self.ivon_step,
-            "ivon_rng": self.ivon_rng,
-            "swag": self.swag.state_dict() if self.swag is not None else None,
+            "method_state": self.hooks.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
         self._check_finite()  # a checkpoint never holds diverged weights
+        if self.checkpoint_path is None:
+            return
         if self.rank == 0:
             atomic_torch_save(self.checkpoint(), self.checkpoint_path)
         dist_utils.barrier()
@@ -193,12 +231,12 @@ class Trainer:
     def load_checkpoint(self) -> None:
         # On the CPU first: the generator state must stay a CPU tensor.
         data = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        old, new = _relevant(data["train_config"]), _relevant(self.config.to_dict())
-        defaults = TrainConfig().to_dict()
-        # A key the checkpoint lacks was added by a later version: its default applies.
-        changed = sorted(
-            k for k in new if not _same_setting(k, old.get(k, defaults.get(k)), new[k], data.get("cwd"))
-        )
+        new = _relevant(self.config.to_dict())
+        try:  # a key the checkpoint lacks was added by a later version: its default applies
+            old = _relevant(data["train_config"])
+        except ConfigError as err:
+            raise ConfigError(f"{self.checkpoint_path} holds settings this version cannot read ({err})") from None
+        changed = sorted(k for k in new if not _same_setting(k, old.get(k), new[k], data.get("cwd")))
         if changed or data["model_config"] != self.model_config.to_dict():
             raise ConfigError(
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
@@ -207,7 +245,8 @@ class Trainer:
         self.model.load_state_dict(data["model"])
         self.ema = {k: v.to(self.device) for k, v in data["ema"].items()}
         self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(data["scheduler"])
         self.generator.set_state(data["generator"])
         s = self.state
         s.epoch, s.step_in_epoch, s.global_step = data["epoch"], data["step_in_epoch"], data["global_step"]
@@ -215,14 +254,9 @@ class Trainer:
         s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
         s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
         s.running_loss = data["running_loss"]
-        self.ivon_step, self.ivon_rng = data.get("ivon_step", 0), data.get("ivon_rng", self.ivon_rng)
-        if self.method_is("ivon"):
-            self.optimizer.current_step = self.ivon_step
-            for group in self.optimizer.param_groups:  # IVON keeps these in its param groups,
-                for key in ("hess", "momentum"):  # which load_state_dict does not move
-                    group[key] = group[key].to(self.device)
-        if self.swag is not None:
-            self.swag.load_state_dict(data["swag"])
+        # Checkpoints of earlier releases kept the method's state under its own keys.
+        legacy = {"step": data.get("ivon_step", 0), "rng": data.get("ivon_rng"), **(data.get("swag") or {})}
+        self.hooks.load_state_dict(data.get("method_state", legacy), self)
         log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
 
     # ------------------------------------------------------------------ training
@@ -239,58 +273,29 @@ class Trainer:
         totals = dist_utils.all_reduce_sum(totals)
         ref["weight_total"], ref["atom_weight_total"] = totals[0].to(ref["weight"].dtype), totals[1].to(ref["weight"].dtype)
         warmup = self.in_warmup(self.state.epoch)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.method_is("ivon"):
-            loss, parts = self._ivon_step(batch, ref, warmup)
-        else:
-            out = self.net(batch.graph, compute_forces=True, create_graph=True)
-            loss, parts = compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
-            (loss * self.world).backward()  # DDP averages gradients over ranks; undo that
-            if self.config.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-            self.optimizer.step()
+        loss, parts = self.hooks.step(self, batch, ref, warmup)
         self._update_ema()
         # Each rank's loss is its share of the global-batch loss: their sum is the loss.
         return {"loss": float(dist_utils.all_reduce_sum(loss.detach())), **parts}
 
-    def method_is(self, name: str) -> bool:
-        return self.config.method == name
+    def loss(self, batch: Batch, ref: dict, warmup: bool) -> tuple[torch.Tensor, dict]:
+        """The configured loss of the network on ``batch`` (with the graph for backward)."""
+        out = self.net(batch.graph, compute_forces=True, create_graph=True)
+        return compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
 
-    def _ivon_step(self, batch, ref, warmup):
-        """IVON: gradients at ``ivon_train_samples`` weight samples, then one update.
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss`` (DDP's average over ranks undone), clipped as configured."""
+        (loss * self.world).backward()
+        if self.config.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
 
-        IVON draws its weight noise from torch's global generator; it runs inside a forked RNG
-        whose state lives in the checkpoint, so the caller's random stream is untouched and a
-        resumed run draws the same noise.
-        """
-        losses = []
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.ivon_rng)
-            if devices:  # IVON samples on the parameters' device: seed it from our stream
-                torch.cuda.manual_seed(int(torch.randint(2**62, (1,))))
-            for _ in range(self.config.ivon_train_samples):
-                with self.optimizer.sampled_params(train=True):
-                    # IVON reads p.grad at the end of each sample: it must hold this sample's only.
-                    self.optimizer.zero_grad(set_to_none=False)
-                    out = self.net(batch.graph, compute_forces=True, create_graph=True)
-                    loss, parts = compute_loss(self.config.loss, predictions_for_loss(out), ref, self.weights, warmup=warmup)
-                    if torch.isfinite(loss):
-                        (loss * self.world).backward()
-                        if self.config.clip_grad:
-                            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
-                    else:
-                        # A weight sample far in the tail can make the NLL overflow; it then
-                        # contributes no gradient instead of turning IVON's state into NaN.
-                        self.skipped_samples += 1
-                        for p in self.model.parameters():
-                            p.grad = torch.zeros_like(p)
-                if torch.isfinite(loss):
-                    losses.append(loss.detach())
-            self.ivon_rng = torch.get_rng_state()
+    def gradient_step(self, batch: Batch, ref: dict, warmup: bool) -> tuple[torch.Tensor, dict]:
+        """The default optimisation step: loss, gradients, clipping, one optimiser step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, parts = self.loss(batch, ref, warmup)
+        self.backward(loss)
         self.optimizer.step()
-        self.ivon_step = self.optimizer.current_step
-        return (torch.stack(losses).mean() if losses else loss.detach()), parts
+        return loss, parts
 
     def _check_finite(self) -> None:
         """Refuse to go on (and to checkpoint) with weights that diverged to NaN or infinity."""
@@ -299,11 +304,12 @@ class Trainer:
             self._diverged(f"{len(bad)} weight tensors are not finite (first: {bad[0]})")
 
     def _diverged(self, what: str, cause: Exception | None = None) -> None:
-        lr = self.config.ivon_lr if self.method_is("ivon") else self.optimizer.param_groups[0]["lr"]
+        lr = self.hooks.learning_rate(self)
+        where = f"; the last checkpoint with finite weights is {self.checkpoint_path}" if self.checkpoint_path else ""
         raise TrainingError(
             f"training diverged in epoch {self.state.epoch}: {what}; method {self.config.method!r}, learning rate "
-            f"{lr:g}. Lower the learning rate (ivon_lr for IVON) or the clipping; the last checkpoint "
-            f"with finite weights is {self.checkpoint_path}"
+            f"{lr:g}. Lower the learning rate (the method's own, e.g. ivon.lr, where it has one) or the "
+            f"clipping{where}"
         ) from cause
 
     @torch.no_grad()
@@ -373,14 +379,8 @@ class Trainer:
             self._diverged(f"the validation predictions are not usable ({error})", error)
         if not math.isfinite(metrics["valid_loss"]):
             self._diverged(f"the validation loss is {metrics['valid_loss']}")
-        swag_on = self.swag is not None and s.epoch + 1 >= self.config.swag_start_epoch
-        if swag_on:
-            if s.epoch >= self.config.swag_start_epoch and (s.epoch - self.config.swag_start_epoch) % self.config.swag_interval == 0:
-                self.swag.collect(torch.cat([p.detach().reshape(-1) for p in self.model.parameters()]))
-            if self.config.swag_lr:  # constant from the start epoch on (set before it trains)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.config.swag_lr
-        elif s.epoch >= self.config.warmup_epochs:
+        owns_lr = self.hooks.end_of_epoch(self)
+        if not owns_lr and s.epoch >= self.config.warmup_epochs and self.scheduler is not None:
             # During the mean-only warm-up the variance heads are untrained, so the validation
             # NLL says nothing about progress; it must not decay the learning rate.
             self.scheduler.step(metrics["valid_loss"])
@@ -393,7 +393,8 @@ class Trainer:
         s.epoch, s.step_in_epoch, s.elapsed_s, s.running_loss = s.epoch + 1, 0, elapsed, 0.0
         self.save_checkpoint()
         if self.rank == 0:
-            self._write_metrics_csv()
+            if not self.in_memory:
+                self._write_metrics_csv()
             log.info(
                 "epoch %d  loss %.4g  valid %.4g  E MAE %.2f meV  F MAE %.2f meV/Å  lr %.2e  %.0f s",
                 row["epoch"], train_loss, metrics["valid_loss"], metrics["energy_mae_meV"],

@@ -1,4 +1,6 @@
-"""The three losses of the paper (SPEC §3), with per-frame weights, β-NLL and warm-up.
+"""The three losses of the paper, with per-frame weights, β-NLL and warm-up.
+
+docs/training.md (section Losses) says which to choose and how λ affects the learned variances.
 
 Notation for a batch of B structures with n atoms in total: E_b the reference energy, μ_b and
 σ_b² the predicted mean and variance, w_b the frame weight (config_weight); F_i, F̂_i reference
@@ -9,7 +11,9 @@ structures (weights w_b) or over atoms (the weight of each atom's structure).
     nll_e   : λ_E ⟨(E − μ)²/σ²⟩ + ⟨log σ²⟩ + λ_F ⟨|F − F̂|²⟩
     nll_jef : λ_E ⟨(E − μ)²/σ²⟩ + ⟨log σ²⟩ + λ_F ⟨ΔF_iᵀ Σ_i⁻¹ ΔF_i⟩ + ⟨log det Σ_i⟩
 
-|F − F̂|² sums the three components. With β > 0, each NLL term is multiplied by the detached
+|F − F̂|² sums the three components. The force terms ΔFᵀΣ⁻¹ΔF and log det Σ come from
+:func:`ase_race.evaluation.gaussian.mahalanobis_logdet` (one Cholesky factorisation), the same
+function the evaluators' NLLs use. With β > 0, each NLL term is multiplied by the detached
 variance to the power β (β-NLL, Seitzer et al. 2022): σ²ᵝ for energies, (trace Σ_i / 3)ᵝ for
 forces; β = 0 is the plain NLL.
 
@@ -27,6 +31,7 @@ import torch
 
 from ..config import LOSSES
 from ..errors import ConfigError
+from ..evaluation.gaussian import mahalanobis_logdet
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,7 @@ def energy_nll(residual, var_e, w, lam: float, beta: float, total=None):
 
 def forces_nll(pred_f, cov_f, ref_f, w_atoms, lam: float, beta: float, total=None):
     """λ_F ⟨ΔFᵀ Σ⁻¹ ΔF⟩ + ⟨log det Σ⟩ over atoms (β-weighted)."""
-    chol = torch.linalg.cholesky(cov_f)
-    delta = (ref_f - pred_f).unsqueeze(-1)
-    solved = torch.cholesky_solve(delta, chol)
-    mahalanobis = (delta * solved).sum(dim=(1, 2))
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(dim=1)
+    mahalanobis, logdet = mahalanobis_logdet(ref_f - pred_f, cov_f)
     terms = lam * mahalanobis + logdet
     if beta:
         terms = terms * (torch.diagonal(cov_f, dim1=1, dim2=2).sum(1).detach() / 3) ** beta

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import _keys as K
+from ..evaluation.gaussian import gaussian_nll_scalar, gaussian_nll_vector
 from ..posteriors import Posterior
 from .batches import GraphDataset
 
@@ -47,10 +48,9 @@ def evaluate_dataset(
         df = (batch.ref["forces"] - forces.detach()).double()
         cov = cov.detach().double()
         e_abs.append(r.abs()), e_sq.append(r**2), f_abs.append(df.abs().ravel()), f_sq.append((df**2).ravel())
-        e_nll.append(0.5 * (r**2 / var + torch.log(2 * math.pi * var)))
+        e_nll.append(gaussian_nll_scalar(r, var))
         e_var.append(var), f_var.append(torch.diagonal(cov, dim1=1, dim2=2).ravel())
-        maha = (df.unsqueeze(1) @ torch.linalg.solve(cov, df.unsqueeze(-1))).squeeze()
-        f_nll.append(0.5 * (maha + torch.logdet(2 * math.pi * cov)))
+        f_nll.append(gaussian_nll_vector(df, cov))
     if not is_posterior:
         model.train(was_training)
     cat = lambda xs: torch.cat([x.reshape(-1) for x in xs])  # noqa: E731

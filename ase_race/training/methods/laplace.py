@@ -1,24 +1,60 @@
-"""Post-hoc Laplace posteriors around a trained network.
+"""Post-hoc Laplace posteriors around a trained network (docs/posteriors/laplace.md).
 
-* :func:`fit_last_layer_laplace`: closed form over the last-layer energy weights, with a
-  generalised Gauss–Newton (GGN) from energies *and* forces.
-* :func:`fit_diag_laplace`: the paper's variant through ``laplace-torch``: every weight,
-  diagonal GGN on energies, prior precision and noise by marginal likelihood.
+* :func:`fit_last_layer_laplace` (``subset: last_layer``): closed form over the last-layer
+  energy weights, with a generalised Gauss–Newton (GGN) from energies *and* forces.
+* :func:`fit_diag_laplace` (``subset: all``): the paper's variant through ``laplace-torch``:
+  every weight, diagonal GGN on energies, prior precision and noise by marginal likelihood.
+
+The network is ``base_model`` (a model file) or, without one, an MVE network trained first.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .. import _keys as K
-from ..nn import RACE
-from ..posteriors.last_layer import LastLayerLaplacePosterior, last_layer_jacobians
-from .batches import GraphDataset
+from ... import _keys as K
+from ...errors import ConfigError
+from ...nn import RACE
+from ...posteriors.last_layer import LastLayerLaplacePosterior, last_layer_jacobians
+from ..batches import GraphDataset
+from .base import Fitted, Method, MethodOptions
 
 log = logging.getLogger("ase_race.training")
+
+SUBSETS = ("all", "last_layer")
+NOISE = ("residual", "marglik")
+
+
+@dataclass(frozen=True)
+class LaplaceOptions(MethodOptions):
+    """Options of ``method: laplace``.
+
+    Attributes:
+        subset: ``all`` (diagonal GGN over every weight, with laplace-torch) or ``last_layer``
+            (the closed-form last-layer Laplace with force Jacobians).
+        prior_precision: α; 0 = by marginal likelihood.
+        noise: all-weight Laplace only: ``residual`` fixes the energy noise σ to the RMS
+            training residual; ``marglik`` fits it by marginal likelihood as the paper does
+            (on rMD17 ethanol it collapses to σ ≈ 3 eV, see docs/posteriors/laplace.md).
+        base_model: a model file to fit around instead of training an MVE network first.
+        test_samples: weight samples at prediction time of the all-weight variant (0 = 16).
+    """
+
+    subset: str = "all"
+    prior_precision: float = 0.0
+    noise: str = "residual"
+    base_model: str = ""
+    test_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.subset not in SUBSETS:
+            raise ConfigError(f"laplace.subset={self.subset!r} is not one of {SUBSETS}")
+        if self.noise not in NOISE:
+            raise ConfigError(f"laplace.noise={self.noise!r} is not one of {NOISE}")
 
 
 def linear_evidence(gram: torch.Tensor, w: torch.Tensor, log_alpha: torch.Tensor | float) -> torch.Tensor:
@@ -169,7 +205,7 @@ def fit_diag_laplace(
     """
     from laplace import DiagLaplace
 
-    from ..posteriors import DiagLaplacePosterior
+    from ...posteriors import DiagLaplacePosterior
 
     model = model.to(device).eval()
     wrapped = _EnergyOnly(model)
@@ -202,3 +238,46 @@ def fit_diag_laplace(
     }
     log.info("diagonal Laplace: α=%.4g, σ=%.4g eV", hyper["prior_precision"], hyper["sigma_noise"])
     return DiagLaplacePosterior(model.cpu(), variance, n_samples, sample_seed, hyper)
+
+
+class Laplace(Method):
+    """Post hoc around ``base_model``, or around an MVE network trained first."""
+
+    kind = "laplace"
+    Options = LaplaceOptions
+    legacy = {"laplace_subset": "subset", "laplace_prior_precision": "prior_precision", "laplace_noise": "noise",
+              "base_model": "base_model", "test_samples": "test_samples"}
+
+    def fit(self, config, model_config, train, valid, *, in_memory=False, on_step=None):
+        from ...modelfile import load_model
+        from .mve import MVE
+
+        options = config.laplace
+        summary: dict = {}
+        if options.base_model:
+            networks = load_model(options.base_model).posterior.networks()
+            if len(networks) != 1:
+                raise ConfigError(f"{options.base_model}: Laplace needs a single-network model file, "
+                                  f"not one with {len(networks)} networks")
+            model = networks[0]
+            if model.config.to_dict() != model_config.to_dict():
+                log.info("using the base model's own config (species, E0s, scale) instead of the data's")
+            summary["base_model"] = str(options.base_model)
+        else:
+            fitted = MVE().fit(config, model_config, train, valid, in_memory=in_memory, on_step=on_step)
+            if fitted is None:
+                return None
+            model, summary = fitted.posterior.model, dict(fitted.summary)
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if (model.config.species, model.config.r_max, model.config.dtype) != (
+            model_config.species, model_config.r_max, model_config.dtype
+        ):  # a base model built differently from the data's config: its own graphs
+            train = GraphDataset(train.frames, model.config.species, model.config.r_max, model.dtype)
+        if options.subset == "last_layer":
+            posterior = fit_last_layer_laplace(model, train, options.prior_precision, device=device)
+        else:
+            posterior = fit_diag_laplace(
+                model, train, options.prior_precision, n_samples=options.test_samples or None,
+                sample_seed=config.seed, device=device, noise=options.noise,
+            )
+        return Fitted(posterior, {**summary, "laplace": posterior.hyper})

@@ -1,0 +1,67 @@
+"""Atomic writes: the old file survives a failing writer, and permissions are kept or 0644."""
+
+import os
+import stat
+
+import pytest
+import torch
+
+from ase_race._atomic import atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_text
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "data.txt"
+    atomic_write_text(path, "old\n")
+
+    def half_then_raise(handle):
+        handle.write(b"new, but only ha")
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_write(path, half_then_raise)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt"]
+
+
+def test_a_failing_first_write_creates_nothing(tmp_path):
+    def raise_at_once(handle):
+        raise Boom
+
+    with pytest.raises(Boom):
+        atomic_write(tmp_path / "new.bin", raise_at_once)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_files_are_0644_and_old_permissions_are_kept(tmp_path):
+    path = tmp_path / "sub" / "model.pt"  # missing folders are created
+    atomic_torch_save({"x": torch.arange(3)}, path)
+    assert mode(path) == 0o644  # not mkstemp's 0600
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    os.chmod(path, 0o600)
+    atomic_torch_save({"x": torch.arange(4)}, path)
+    assert mode(path) == 0o600
+    assert torch.load(path, weights_only=True)["x"].numel() == 4
+
+
+def test_bytes_and_text_round_trip(tmp_path):
+    path = tmp_path / "frames.extxyz"
+    atomic_write_bytes(path, b"a\n")
+    atomic_write_bytes(path, path.read_bytes() + b"b\n")
+    assert path.read_bytes() == b"a\nb\n"
+    atomic_write_text(path, "σ ≥ 0\r\n")  # UTF-8, newlines untranslated
+    assert path.read_bytes() == "σ ≥ 0\r\n".encode()
+
+
+def test_modelfile_re_exports_the_writers():
+    from ase_race import _atomic, modelfile
+
+    assert modelfile.atomic_torch_save is _atomic.atomic_torch_save
+    assert modelfile.atomic_write_text is _atomic.atomic_write_text
