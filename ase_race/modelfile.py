@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 # Re-exported for the modules that import the writers from here (new code: ase_race._atomic).
 from ._atomic import atomic_torch_save, atomic_write_text  # noqa: F401
 from .config import ModelConfig
 from .errors import ConfigError, ModelFileError
+from .evaluation.calibration import Calibration  # noqa: F401  (its home; re-exported here)
 from .posteriors import Posterior, posterior_class
 
 FORMAT_NAME = "ase-race-model"
@@ -43,80 +43,6 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 #: version N → function turning a version-N dict into a version-N+1 dict.
 _UPGRADES: dict[int, Callable[[dict], dict]] = {}
-
-
-@dataclass
-class Calibration:
-    """How reported variances are corrected (identity by default; ``ase-race calibrate`` sets it).
-
-    ``*_var_scale`` multiply variances. ``energy_isotonic`` / ``forces_isotonic``, when set,
-    are monotone maps (x, y) from a predicted variance to a calibrated one, fitted by isotonic
-    regression of squared errors on predicted variances; they are applied after the scale, by
-    linear interpolation between the points and proportionally beyond them (so a variance 10×
-    larger than any seen in calibration stays 10× larger). Energies map the total energy
-    variance; forces map each atom's mean diagonal variance trace(Σ_i)/3. The resulting factor
-    multiplies both the aleatoric and the epistemic part.
-    """
-
-    energy_var_scale: float = 1.0
-    forces_var_scale: float = 1.0
-    stress_var_scale: float = 1.0
-    energy_isotonic: tuple | None = None
-    forces_isotonic: tuple | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "energy_var_scale": self.energy_var_scale,
-            "forces_var_scale": self.forces_var_scale,
-            "stress_var_scale": self.stress_var_scale,
-        }
-        for key in ("energy_isotonic", "forces_isotonic"):
-            value = getattr(self, key)
-            if value is not None:  # omitted when unset: files without it stay as they were
-                out[key] = [list(map(float, value[0])), list(map(float, value[1]))]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown calibration keys {unknown}")
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            if key.endswith("_isotonic"):
-                if value is None:
-                    continue
-                x, y = (tuple(float(v) for v in part) for part in value)
-                if len(x) != len(y) or not x or any(b < a for a, b in zip(x, x[1:])) or min(x + y) <= 0:
-                    raise ConfigError(f"calibration {key} must be two equal-length positive lists, x increasing")
-                values[key] = (x, y)
-            else:
-                values[key] = float(value)
-                if not values[key] > 0:
-                    raise ConfigError(f"calibration factor {key} must be positive, got {value}")
-        return cls(**values)
-
-    @staticmethod
-    def _map(table, variance):
-        """Calibrated/raw factor for each variance under an isotonic table (1 where none)."""
-        variance = np.asarray(variance, dtype=np.float64)
-        if table is None:
-            return np.ones_like(variance)
-        x, y = np.asarray(table[0]), np.asarray(table[1])
-        mapped = np.interp(variance, x, y)
-        mapped = np.where(variance < x[0], variance * y[0] / x[0], mapped)
-        mapped = np.where(variance > x[-1], variance * y[-1] / x[-1], mapped)
-        return np.where(variance > 0, mapped / np.where(variance > 0, variance, 1.0), 1.0)
-
-    def energy_factor(self, total_var):
-        """Factor (same shape) multiplying both parts of energy variances ``total_var`` (eV²)."""
-        scaled = self.energy_var_scale * np.asarray(total_var, dtype=np.float64)
-        return self.energy_var_scale * self._map(self.energy_isotonic, scaled)
-
-    def forces_factor(self, cov):
-        """Per-atom factor (n,) multiplying both parts of the (n, 3, 3) total force covariance."""
-        mean_var = self.forces_var_scale * np.trace(np.asarray(cov, dtype=np.float64), axis1=-2, axis2=-1) / 3
-        return self.forces_var_scale * self._map(self.forces_isotonic, mean_var)
 
 
 @dataclass

@@ -15,7 +15,6 @@ on the unseen PySCF frames and on those rMD17 structures.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,13 +23,12 @@ from ase.io import read
 
 from ase_race.calculator import RACECalculator
 from ase_race.data.readers import frame_from_atoms, read_frames, split_frames
-from ase_race.modelfile import Calibration, ModelBundle, load_model
-from ase_race.training.assess import fit_calibration, gather
+from ase_race.data.rmd17 import convert
+from ase_race.modelfile import ModelBundle, load_model
+from ase_race.training.assess import calibrate
 from ase_race.training.finetune import fine_tune
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import rmd17  # noqa: E402
 
 ROWS = [  # name, rehearsed structures, EMA decay, refit calibration
     ("new frames only (session-3 setting)", 0, 0.0, False),
@@ -48,7 +46,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     args = p.parse_args()
 
-    paths = rmd17.convert(args.data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
+    paths = convert(args.data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
     train, valid = split_frames(read_frames(paths["train"]), 50, 1)
     test = read(paths["test"], ":100")
     new = [frame_from_atoms(a) for a in read(args.run / "collected_retrain.extxyz", ":")]
@@ -90,7 +88,7 @@ def main() -> None:
                               replay_size=n_replay, ema_decay=ema)
         calibration = shipped.calibration
         if recalibrate:
-            calibration = fit_calibration(gather(ModelBundle(posterior, Calibration()), valid))
+            calibration = calibrate(ModelBundle(posterior), valid)
         wall = time.perf_counter() - start
         values = measure(ModelBundle(posterior, calibration))
         print(" | ".join([name, *(f"{v:.3f}" if k in (1, 2) else f"{v:.1f}" for k, v in enumerate(values)), f"{wall:.0f}"]),

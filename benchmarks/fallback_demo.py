@@ -22,7 +22,6 @@ force error at the calls. Writes ``fallback.png`` and each run's collected extxy
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -36,16 +35,15 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase_race.calculator import FallbackCalculator, RACECalculator
 from ase_race.calculator.pyscf_ref import PySCFCalculator
 from ase_race.data.readers import read_frames, split_frames
+from ase_race.data.rmd17 import convert
 from ase_race.training.finetune import retrainer
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import rmd17  # noqa: E402
 
 
 def rmd17_split(data: Path) -> tuple[list, list]:
     """The ethanol recipe's training and validation frames (950 / 50, seed 1)."""
-    paths = rmd17.convert(data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
+    paths = convert(data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
     return split_frames(read_frames(paths["train"]), 50, 1)
 
 

@@ -12,7 +12,6 @@ docs/posteriors/laplace.md.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +21,14 @@ from ase.build import molecule
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from ase_race import _keys as K
 from ase_race.calculator import RACECalculator
+from ase_race.data.rmd17 import convert
+from ase_race.evaluation import max_forces_std
 from ase_race.graph import from_atoms
 from ase_race.modelfile import load_model
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import rmd17  # noqa: E402
 
 
 def hot_frames(model: str, n: int = 50, every: int = 8, temperature: float = 750.0) -> list:
@@ -53,7 +53,7 @@ def main() -> None:
 
     from ase.io import read
 
-    paths = rmd17.convert(args.data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
+    paths = convert(args.data / "rmd17_ethanol", Path("data/rmd17_ethanol"))
     post = load_model(args.model).posterior
     cfg = post.config
 
@@ -67,8 +67,7 @@ def main() -> None:
         return np.array([float(torch.diagonal(post.predict(g).forces_cov_epistemic, dim1=1, dim2=2).sum()) for g in gs])
 
     def max_std(gs):
-        return np.array([float(torch.diagonal(post.predict(g).forces_cov_epistemic, dim1=1, dim2=2).sum(-1).max().sqrt())
-                         for g in gs])
+        return np.array([float(max_forces_std(post.predict(g).forces_cov_epistemic, g[K.BATCH])[0]) for g in gs])
 
     post.set_force_rank(0)
     exact = {name: variance(gs) for name, gs in sets.items()}

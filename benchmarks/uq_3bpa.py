@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from ase_race.training import TrainConfig
 from ase_race.data import KeyMap, read_frames
-from ase_race.evaluation import auroc, calibration_error, gaussian_nll, spearman, variance_scale
-from ase_race.modelfile import Calibration, atomic_write_text, load_model, save_model
+from ase_race.evaluation import Calibration, auroc, calibration_error, gaussian_nll, max_forces_std, spearman, variance_scale
+from ase_race.modelfile import atomic_write_text, load_model, save_model
 from ase_race.posteriors import MVEPosterior
 from ase_race.training.api import prepare, train
 from ase_race.training.assess import figures, gather
@@ -135,9 +136,9 @@ def evaluate(path: Path, loss: str, valid_frames, test, figure_dir: Path) -> dic
 
 
 def _max_atom_std(g, part: str) -> np.ndarray:
-    per_atom = np.sqrt(g.forces_var[part].reshape(-1, 3).sum(axis=1))
-    edges = np.concatenate([[0], np.cumsum(g.n_atoms)])
-    return np.array([per_atom[a:b].max() for a, b in zip(edges[:-1], edges[1:])])
+    cov = torch.diag_embed(torch.from_numpy(g.forces_var[part].reshape(-1, 3)))  # the diagonal holds the trace
+    n_atoms = torch.from_numpy(g.n_atoms)
+    return max_forces_std(cov, torch.repeat_interleave(torch.arange(len(n_atoms)), n_atoms), len(n_atoms)).numpy()
 
 
 def table(results: dict) -> str:

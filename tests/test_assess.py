@@ -11,24 +11,45 @@ from ase_race import load_model, save_model
 from ase_race.cli.main import main
 from ase_race.data import read_frames
 from ase_race.graph import from_atoms
-from ase_race.modelfile import Calibration
+from ase_race.evaluation import Calibration, apply_calibration, fit_calibration
+from ase_race.modelfile import ModelBundle
 from ase_race.testing import random_posterior
-from ase_race.training.assess import Gathered, assess, fit_calibration, gather
+from ase_race.training.assess import Gathered, assess, calibrate, gather
 
 
-def test_fit_calibration_hand_computed():
+def test_assess_leaves_out_parts_that_are_zero_everywhere():
     g = Gathered(
         energy_ref=np.array([1.0, 2.0]), energy_pred=np.array([0.0, 0.0]),
         energy_var={"total": np.array([1.0, 2.0]), "aleatoric": np.array([1.0, 2.0]), "epistemic": np.zeros(2)},
         forces_ref=np.zeros(3), forces_pred=np.zeros(3),
-        forces_var={p: np.ones(3) for p in ("total", "aleatoric", "epistemic")},
+        forces_var={p: np.ones(3) for p in ("total", "aleatoric", "epistemic")}, forces_cov=np.eye(3)[None],
         forces_mahalanobis=np.array([6.0]), max_forces_std=np.ones(2), n_atoms=np.array([1, 0]),
     )
-    cal = fit_calibration(g, Calibration(energy_var_scale=2.0, forces_var_scale=1.0))
-    assert cal.energy_var_scale == pytest.approx(2.0 * (1.0 / 1.0 + 4.0 / 2.0) / 2)  # mean e²/σ² = 1.5
-    assert cal.forces_var_scale == pytest.approx(2.0)  # 6 / 3
     report = assess(g)
     assert set(report["energy"]) == {"total", "aleatoric"}  # an all-zero part is left out
+    assert report["energy"]["total"]["nll"] == pytest.approx(np.mean([0.5 * (1 + np.log(2 * np.pi)),
+                                                                       0.5 * (2 + np.log(4 * np.pi))]))
+
+
+def test_calibrate_fits_the_raw_predictive_and_keeps_the_stress_scale():
+    from conftest import emt_frames
+
+    frames = read_frames_of(emt_frames(6))
+    post = random_posterior("tiny", seed=2, species=(1, 6, 8), dtype="float64")
+    stored = Calibration(energy_var_scale=9.0, forces_var_scale=9.0, stress_var_scale=4.0)
+    cal = calibrate(ModelBundle(post, stored), frames)
+    raw = gather(ModelBundle(post), frames)
+    expected = fit_calibration(raw.energy_ref - raw.energy_pred, raw.energy_var["total"],
+                               (raw.forces_ref - raw.forces_pred).reshape(-1, 3), raw.forces_cov, stress_var_scale=4.0)
+    assert cal == expected and cal.stress_var_scale == 4.0
+    assert calibrate(ModelBundle(post, stored), frames, keep_stress=False).stress_var_scale == 1.0
+    assert calibrate(ModelBundle(post, cal), frames) == cal  # the stored calibration does not enter the fit
+
+
+def read_frames_of(atoms_list):
+    from ase_race.data.readers import frame_from_atoms
+
+    return [frame_from_atoms(a) for a in atoms_list]
 
 
 def test_evaluate_and_calibrate_commands(tmp_path, capsys):
@@ -71,20 +92,6 @@ def test_evaluate_and_calibrate_commands(tmp_path, capsys):
     assert before == pytest.approx(metrics["forces"]["total"])  # the raw variances of the first evaluate
 
 
-def test_isotonic_map_hand_computed_and_applied_like_the_calculator():
-    from ase_race.training.assess import isotonic_variance_map
-
-    # Squared errors 1, 3, 2, 6 at variances 1, 2, 3, 4: PAV pools the violating pair (3, 2).
-    x, y = isotonic_variance_map([4.0, 1.0, 3.0, 2.0], [6.0, 1.0, 2.0, 3.0])
-    assert x == (1.0, 2.5, 4.0) and y == (1.0, 2.5, 6.0)
-    cal = Calibration(energy_var_scale=2.0, energy_isotonic=(x, y))
-    # var 0.5 → scaled 1.0 → mapped 1.0; var 1.5 → 3.0 → 2.5 + (0.5/1.5)·3.5; beyond: proportional.
-    np.testing.assert_allclose(cal.energy_factor(np.array([0.5, 1.5, 4.0])) * [0.5, 1.5, 4.0],
-                               [1.0, 2.5 + 3.5 / 3, 8.0 * 6.0 / 4.0])
-    again = Calibration.from_dict(cal.to_dict())
-    assert again.energy_isotonic == cal.energy_isotonic and again.forces_isotonic is None
-
-
 def test_isotonic_calibration_reaches_the_calculator(tmp_path):
     from conftest import emt_frames
 
@@ -101,5 +108,7 @@ def test_isotonic_calibration_reaches_the_calculator(tmp_path):
     atoms.calc = RACECalculator(out)
     atoms.get_potential_energy()
     raw = load_model(model).posterior.predict(from_atoms(atoms, (1, 6, 8), bundle.config.r_max))
-    expected = float(raw.energy_var[0]) * float(bundle.calibration.energy_factor(float(raw.energy_var[0])))
-    assert atoms.calc.results["energy_var"] == pytest.approx(expected, rel=1e-10)
+    expected = apply_calibration(raw, bundle.calibration)
+    assert atoms.calc.results["energy_var"] == float(expected.energy_var[0])
+    np.testing.assert_array_equal(atoms.calc.results["forces_cov"], expected.forces_cov.numpy())
+    assert float(expected.energy_var[0]) != pytest.approx(float(raw.energy_var[0]), rel=1e-3)  # the map did act

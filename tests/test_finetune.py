@@ -79,7 +79,7 @@ def test_each_member_rehearses_its_own_sample(monkeypatch):
 
 def test_retrainer_refits_the_calibration_on_held_out_frames():
     from ase_race.modelfile import Calibration, ModelBundle
-    from ase_race.training.assess import fit_calibration, gather
+    from ase_race.training.assess import calibrate, gather
     from ase_race.training.finetune import retrainer
 
     collected = []
@@ -95,7 +95,7 @@ def test_retrainer_refits_the_calibration_on_held_out_frames():
     assert kept.calibration == shipped and kept.posterior is not bundle.posterior
 
     refit = retrainer(epochs=2, lr=1e-3, calibrate_on=held_out)(bundle, collected)
-    expected = fit_calibration(gather(ModelBundle(refit.posterior), held_out))
+    expected = calibrate(ModelBundle(refit.posterior), held_out)
     assert refit.calibration.energy_var_scale == expected.energy_var_scale != shipped.energy_var_scale
     assert refit.calibration.forces_var_scale == expected.forces_var_scale != shipped.forces_var_scale
     assert refit.calibration.stress_var_scale == 5.0  # not fitted on molecules: kept

@@ -1,8 +1,9 @@
-"""``RACECalculator``: the ASE calculator with predictive variances (SPEC §5)."""
+"""``RACECalculator``: the ASE calculator with predictive variances (docs/calculator.md)."""
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import numpy as np
@@ -10,8 +11,9 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from .. import _keys as K
+from ..evaluation import Calibration, apply_calibration, max_forces_std
 from ..graph import MIN_DISTANCE, NeighbourCache, from_atoms
-from ..modelfile import Calibration, ModelBundle, load_model
+from ..modelfile import ModelBundle, load_model
 from ..nn import TORCH_DTYPES
 from ..posteriors import Posterior, Prediction
 from ..posteriors.bald import bald_energy, bald_forces
@@ -54,7 +56,8 @@ class RACECalculator(Calculator):
     bald                     float       bald_energy + bald_forces (BALD-EF)
     ======================== =========== =======================================================
 
-    Calibration factors stored in the model file multiply both parts of every variance.
+    The calibration stored in the model file (:mod:`ase_race.evaluation.calibration`) multiplies
+    both parts of every variance by the same factor.
 
     Args:
         model: path to a model file, the name of a shipped model, or a loaded
@@ -152,38 +155,39 @@ class RACECalculator(Calculator):
             )
 
     def _results(self, p: Prediction, periodic: bool) -> dict:
-        """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats."""
-        cal = self.calibration
+        """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats.
+
+        Variances are calibrated by :func:`~ase_race.evaluation.apply_calibration` (in float64);
+        the BALD terms are those of the networks' own (uncalibrated) mixture.
+        """
         as_np = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
-        e_ale, e_epi = float(p.energy_var_aleatoric[0]), float(p.energy_var_epistemic[0])
-        e_factor = float(cal.energy_factor(e_ale + e_epi))
-        e_ale, e_epi = e_ale * e_factor, e_epi * e_factor
-        cov_ale, cov_epi = as_np(p.forces_cov_aleatoric), as_np(p.forces_cov_epistemic)
-        f_factor = cal.forces_factor(cov_ale + cov_epi)[:, None, None]
-        cov_ale, cov_epi = cov_ale * f_factor, cov_epi * f_factor
+        c = apply_calibration(p, self.calibration)
+        e_ale, e_epi = float(c.energy_var_aleatoric[0]), float(c.energy_var_epistemic[0])
+        cov_ale, cov_epi = c.forces_cov_aleatoric, c.forces_cov_epistemic
         cov = cov_ale + cov_epi
-        diag = lambda c: np.diagonal(c, axis1=1, axis2=2).copy()  # noqa: E731
+        diag = lambda t: as_np(torch.diagonal(t, dim1=1, dim2=2)).copy()  # noqa: E731
         forces_var = diag(cov)
         energy = float(p.energy[0])
+        one_graph = torch.zeros(cov.shape[0], dtype=torch.long, device=cov.device)
         results = {
             K.ENERGY: energy,
             K.FREE_ENERGY: energy,
             K.ENERGIES: as_np(p.node_energy),
             K.FORCES: as_np(p.forces),
             K.ENERGY_VAR: e_ale + e_epi,
-            K.ENERGY_STD: float(np.sqrt(e_ale + e_epi)),
+            K.ENERGY_STD: math.sqrt(e_ale + e_epi),
             K.ENERGY_VAR_ALEATORIC: e_ale,
             K.ENERGY_VAR_EPISTEMIC: e_epi,
-            K.FORCES_COV: cov,
+            K.FORCES_COV: as_np(cov),
             K.FORCES_VAR: forces_var,
             K.FORCES_STD: np.sqrt(forces_var),
             K.FORCES_VAR_ALEATORIC: diag(cov_ale),
             K.FORCES_VAR_EPISTEMIC: diag(cov_epi),
-            K.MAX_FORCES_STD: float(np.sqrt(forces_var.sum(axis=1).max(initial=0.0))),
+            K.MAX_FORCES_STD: float(max_forces_std(cov, one_graph, 1)[0]),
         }
         if periodic:
             results["stress"] = _voigt(as_np(p.stress[0]))
-            results[K.STRESS_VAR] = _voigt(as_np(p.stress_var_epistemic[0])) * cal.stress_var_scale
+            results[K.STRESS_VAR] = _voigt(as_np(c.stress_var_epistemic[0]))
         results[K.BALD_ENERGY] = float(bald_energy(p)[0])
         results[K.BALD_FORCES] = float(bald_forces(p)[0])
         results[K.BALD] = results[K.BALD_ENERGY] + results[K.BALD_FORCES]

@@ -1,7 +1,7 @@
 """``ase-race evaluate MODEL DATA [--ood DATA2]``: accuracy and uncertainty quality.
 
-``ase-race calibrate MODEL VALID_DATA``: fit variance scales and store them in the model file.
-Thin shells over :mod:`ase_race.training.assess`.
+``ase-race calibrate MODEL VALID_DATA [--isotonic]``: fit the variance calibration and store it
+in the model file. Thin shells over :mod:`ase_race.training.assess` (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _table(metrics: dict) -> str:
 
 
 def run_evaluate(args) -> int:
-    from ..modelfile import Calibration, load_model
+    from ..evaluation import Calibration
+    from ..modelfile import load_model
     from ..training.assess import assess, figures, gather
 
     bundle = load_model(args.model)
@@ -66,7 +67,7 @@ def run_evaluate(args) -> int:
     ood = gather(bundle, _frames(args.ood, args)) if args.ood else None
     metrics = assess(data, ood)
     metrics["calibration"] = bundle.calibration.to_dict()
-    calibrated = bundle.calibration.to_dict() != Calibration().to_dict()
+    calibrated = not bundle.calibration.is_identity
     print(f"{args.model} on {args.data}: {metrics['n_structures']} structures, {metrics['n_atoms']} atoms; "
           f"NLL per structure (energy) and per component (forces), nats")
     if calibrated:  # before and after: the raw variances, then as the calculator reports them
@@ -89,19 +90,16 @@ def run_evaluate(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    import dataclasses
+
     from ..modelfile import load_model, resolve_model_path, save_model
-    from ..modelfile import Calibration
-    from ..training.assess import assess, fit_calibration, fit_isotonic, gather
+    from ..training.assess import assess, calibrate, gather
 
     bundle = load_model(args.model)
     frames = _frames(args.data, args)
     before = assess(gather(bundle, frames))
-    # Refit from the raw variances, so that calibrating twice gives the same file.
-    old = bundle.calibration
-    bundle.calibration = Calibration(stress_var_scale=old.stress_var_scale)
-    bundle.calibration = fit_calibration(gather(bundle, frames), bundle.calibration)
-    if args.isotonic:
-        bundle.calibration = fit_isotonic(gather(bundle, frames), bundle.calibration)
+    # Refitted from the raw variances, so that calibrating twice gives the same file.
+    bundle = dataclasses.replace(bundle, calibration=calibrate(bundle, frames, isotonic=args.isotonic))
     after = assess(gather(bundle, frames))
     target = Path(args.output) if args.output else resolve_model_path(args.model)
     metadata = {**bundle.metadata, "calibration_data": str(args.data)}

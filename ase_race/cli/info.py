@@ -15,13 +15,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..modelfile import read_model_dict, resolve_model_path
+    from ..modelfile import load_model, read_model_dict, resolve_model_path
 
     data = read_model_dict(args.model)
+    posterior = load_model(args.model).posterior
     summary = {
         "file": str(resolve_model_path(args.model)),
         "format": f"{data['format']} v{data['version']}",
-        "posterior": _describe(data["posterior"]),
+        "posterior": posterior.describe(),
         "species": [chemical_symbols[z] for z in data["config"]["species"]],
         "cutoff_A": data["config"]["r_max"],
         "dtype": data["config"]["dtype"],
@@ -40,12 +41,3 @@ def run(args) -> int:
         print(f"{key:>12}: {value}")
     return 0
 
-
-def _describe(posterior: dict) -> str:
-    """The kind plus how many members or samples it evaluates."""
-    state = posterior["state"]
-    if "members" in state:
-        return f"{posterior['kind']} ({len(state['members'])} members)"
-    if "n_samples" in state:
-        return f"{posterior['kind']} ({state['n_samples']} samples)"
-    return posterior["kind"]

@@ -113,10 +113,18 @@ def read_frames(
     require: Sequence[str] = ("energy", "forces"),
     format: str | None = None,
 ) -> list[Frame]:
-    """Read every selected frame of ``path`` (extxyz, traj, db, … : anything ``ase.io`` reads)."""
+    """Read every selected frame of ``path`` (extxyz, traj, db, … : anything ``ase.io`` reads;
+    an rMD17 ``.npz`` file through :func:`ase_race.data.rmd17.read_rmd17`, labels in eV and eV/Å)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file")
+    if path.suffix == ".npz" and format is None:
+        from .rmd17 import read_rmd17
+
+        frames = read_rmd17(path, index)
+        if not frames:
+            raise DataError(f"{path}: no frames selected by index {index!r}")
+        return frames
     images = read(path, index=index, format=format)
     images = images if isinstance(images, list) else [images]
     if not images:

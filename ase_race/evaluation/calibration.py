@@ -183,10 +183,8 @@ def fit_calibration(
     g_E is the isotonic regression of e_b² on v_b = s_E σ²_b and g_F that of the mean squared
     component error |ΔF_i|²/3 on w_i = s_F trace(Σ_i)/3 (:func:`isotonic_variance_map`).
     """
-    e_err = torch.as_tensor(np.asarray(energy_error, dtype=np.float64)).reshape(-1)
-    e_var = torch.as_tensor(np.asarray(energy_var, dtype=np.float64)).reshape(-1)
-    f_err = torch.as_tensor(np.asarray(forces_error, dtype=np.float64)).reshape(-1, 3)
-    f_cov = torch.as_tensor(np.asarray(forces_cov, dtype=np.float64)).reshape(-1, 3, 3)
+    e_err, e_var = _float64(energy_error).reshape(-1), _float64(energy_var).reshape(-1)
+    f_err, f_cov = _float64(forces_error).reshape(-1, 3), _float64(forces_cov).reshape(-1, 3, 3)
     if e_err.shape != e_var.shape or f_err.shape[0] != f_cov.shape[0]:
         raise ValueError(
             f"errors and variances must match: energies {tuple(e_err.shape)} vs {tuple(e_var.shape)}, "
@@ -203,6 +201,13 @@ def fit_calibration(
         energy_isotonic=isotonic_variance_map((s_e * e_var).numpy(), (e_err**2).numpy()),
         forces_isotonic=isotonic_variance_map((s_f * trace / 3).numpy(), (f_err**2).mean(dim=1).numpy()),
     )
+
+
+def _float64(values) -> torch.Tensor:
+    """A CPU float64 tensor of numpy or torch ``values``."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64)
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
 
 
 def isotonic_variance_map(variance, squared_error, max_points: int = MAX_ISOTONIC_POINTS) -> tuple:

@@ -1,13 +1,16 @@
-"""Evaluate a model file on labelled data and fit its variance calibration (SPEC §9).
+"""Evaluate a model on labelled data, and fit its variance calibration there.
 
-:func:`gather` runs the posterior over a data set once and keeps errors and standard
-deviations (total, aleatoric, epistemic) per structure (energy) and per force component;
-:func:`assess` turns them into the metrics of :mod:`ase_race.evaluation`; :func:`fit_calibration`
-finds the variance scales that minimise the Gaussian NLL; :func:`figures` draws the pictures.
+:func:`gather` runs the posterior over a data set once and keeps errors and variances (total,
+aleatoric, epistemic) per structure (energy) and per force component, calibrated as the
+calculator reports them; :func:`assess` turns them into the metrics of
+:mod:`ase_race.evaluation`; :func:`calibrate` fits a :class:`~ase_race.evaluation.Calibration`
+on a data set (what ``ase-race calibrate``, ``ase-race ship`` and the fallback's retraining
+store); :func:`figures` draws the pictures. docs/evaluation.md shows the commands.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +19,10 @@ import torch
 
 from .. import _keys as K
 from ..data import Frame
-from ..evaluation import LEVELS, auroc, observed_coverage, uncertainty_report
+from ..evaluation import LEVELS, apply_calibration, auroc, fit_calibration, max_forces_std, observed_coverage, uncertainty_report
+from ..evaluation.calibration import Calibration
 from ..evaluation.gaussian import mahalanobis
-from ..modelfile import Calibration, ModelBundle
+from ..modelfile import ModelBundle
 from .batches import GraphDataset
 
 PARTS = ("total", "aleatoric", "epistemic")
@@ -26,48 +30,51 @@ PARTS = ("total", "aleatoric", "epistemic")
 
 @dataclass
 class Gathered:
-    """Predictions on one set. Energies per structure (N,); forces per component (3n,)."""
+    """Predictions on one set of N structures with n atoms. Energies per structure; forces per
+    component (3n,) in atom-major order (atom i's x, y, z at 3i, 3i+1, 3i+2)."""
 
-    energy_ref: np.ndarray
-    energy_pred: np.ndarray
+    energy_ref: np.ndarray  # (N,) eV
+    energy_pred: np.ndarray  # (N,) eV
     energy_var: dict[str, np.ndarray]  # part → (N,) eV²
-    forces_ref: np.ndarray
-    forces_pred: np.ndarray
-    forces_var: dict[str, np.ndarray]  # part → (3n,) (eV/Å)²
+    forces_ref: np.ndarray  # (3n,) eV/Å
+    forces_pred: np.ndarray  # (3n,) eV/Å
+    forces_var: dict[str, np.ndarray]  # part → (3n,) (eV/Å)², the diagonals of the covariances
+    forces_cov: np.ndarray  # (n, 3, 3) (eV/Å)², the total covariance of each atom
     forces_mahalanobis: np.ndarray  # (n,) ΔFᵀ Σ⁻¹ ΔF with the total covariance
     max_forces_std: np.ndarray  # (N,) eV/Å, as the calculator reports it
     n_atoms: np.ndarray  # (N,)
 
 
-def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device="cpu") -> Gathered:
-    """Predict every frame (labels ``energy`` and ``forces`` required), calibration applied."""
+def _device(posterior) -> torch.device:
+    return next(posterior.networks()[0].parameters()).device
+
+
+def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device=None) -> Gathered:
+    """Predict every frame (labels ``energy`` and ``forces`` required), with the bundle's
+    calibration applied by :func:`~ase_race.evaluation.apply_calibration` (so in float64).
+
+    ``device``: where the batches go (default: where the posterior's weights are).
+    """
     post = bundle.posterior
-    cal = bundle.calibration
+    device = _device(post) if device is None else device
     data = GraphDataset(frames, post.config.species, post.config.r_max, post.dtype)
-    acc: dict[str, list] = {k: [] for k in ("er", "ep", "fr", "fp", "maha", "maxstd", "n")}
+    acc: dict[str, list] = {k: [] for k in ("er", "ep", "fr", "fp", "cov", "maha", "maxstd", "n")}
     e_var = {p: [] for p in PARTS}
     f_var = {p: [] for p in PARTS}
     for batch in data.batches(batch_size, device):
-        pred = post.predict(batch.graph)
-        ale_e, epi_e = pred.energy_var_aleatoric.double(), pred.energy_var_epistemic.double()
-        ale_f, epi_f = pred.forces_cov_aleatoric.double(), pred.forces_cov_epistemic.double()
-        # The calibration as the calculator applies it (scale, then isotonic map).
-        e_factor = torch.as_tensor(cal.energy_factor((ale_e + epi_e).cpu().numpy()), device=ale_e.device)
-        f_factor = torch.as_tensor(cal.forces_factor((ale_f + epi_f).cpu().numpy()), device=ale_f.device)[:, None, None]
-        ale_e, epi_e, ale_f, epi_f = ale_e * e_factor, epi_e * e_factor, ale_f * f_factor, epi_f * f_factor
+        pred = apply_calibration(post.predict(batch.graph), bundle.calibration)
+        ale_e, epi_e = pred.energy_var_aleatoric, pred.energy_var_epistemic
+        ale_f, epi_f = pred.forces_cov_aleatoric, pred.forces_cov_epistemic
         cov = ale_f + epi_f
-        delta = (batch.ref["forces"].double() - pred.forces.double())
-        maha = mahalanobis(delta, cov)
+        delta = batch.ref["forces"].double() - pred.forces.double()
         diag = lambda c: torch.diagonal(c, dim1=1, dim2=2).reshape(-1)  # noqa: E731
-        trace = torch.diagonal(cov, dim1=1, dim2=2).sum(-1)
         graph_of_atom = batch.graph[K.BATCH]
-        max_std = torch.zeros(pred.energy.shape[0], dtype=torch.float64, device=trace.device).scatter_reduce(
-            0, graph_of_atom, trace.sqrt(), "amax", include_self=False
-        )
+        n_graphs = pred.energy.shape[0]
         acc["er"].append(batch.ref["energy"].double()), acc["ep"].append(pred.energy.double())
         acc["fr"].append(batch.ref["forces"].double().reshape(-1)), acc["fp"].append(pred.forces.double().reshape(-1))
-        acc["maha"].append(maha), acc["maxstd"].append(max_std)
-        acc["n"].append(torch.bincount(graph_of_atom, minlength=pred.energy.shape[0]))
+        acc["cov"].append(cov), acc["maha"].append(mahalanobis(delta, cov))
+        acc["maxstd"].append(max_forces_std(cov, graph_of_atom, n_graphs))
+        acc["n"].append(torch.bincount(graph_of_atom, minlength=n_graphs))
         for part, (ve, vf) in {"total": (ale_e + epi_e, cov), "aleatoric": (ale_e, ale_f), "epistemic": (epi_e, epi_f)}.items():
             e_var[part].append(ve)
             f_var[part].append(diag(vf))
@@ -76,8 +83,28 @@ def gather(bundle: ModelBundle, frames: list[Frame], batch_size: int = 8, device
         energy_ref=cat(acc["er"]), energy_pred=cat(acc["ep"]),
         energy_var={p: cat(v) for p, v in e_var.items()},
         forces_ref=cat(acc["fr"]), forces_pred=cat(acc["fp"]),
-        forces_var={p: cat(v) for p, v in f_var.items()},
+        forces_var={p: cat(v) for p, v in f_var.items()}, forces_cov=cat(acc["cov"]),
         forces_mahalanobis=cat(acc["maha"]), max_forces_std=cat(acc["maxstd"]), n_atoms=cat(acc["n"]),
+    )
+
+
+def calibrate(bundle: ModelBundle, frames: list[Frame], isotonic: bool = False, keep_stress: bool = True) -> Calibration:
+    """The calibration of ``bundle``'s posterior fitted on ``frames`` (its own calibration ignored).
+
+    The NLL-optimal scales (and, with ``isotonic``, the isotonic maps) of
+    :func:`~ase_race.evaluation.fit_calibration`, from the posterior's uncalibrated predictive
+    on ``frames`` (labelled, held out from training). Isolated-atom frames (E0 references,
+    without forces) are left out. The stress scale, which molecules cannot fit, is the bundle's
+    with ``keep_stress``, else 1. Fitting twice on the same frames gives the same calibration.
+    """
+    frames = [f for f in frames if not f.is_isolated_atom]
+    if not frames:
+        raise ValueError("calibrate needs labelled structures with forces; got none (isolated atoms are left out)")
+    g = gather(dataclasses.replace(bundle, calibration=Calibration()), frames)
+    return fit_calibration(
+        g.energy_ref - g.energy_pred, g.energy_var["total"],
+        (g.forces_ref - g.forces_pred).reshape(-1, 3), g.forces_cov,
+        isotonic=isotonic, stress_var_scale=bundle.calibration.stress_var_scale if keep_stress else 1.0,
     )
 
 
@@ -103,67 +130,6 @@ def assess(g: Gathered, ood: Gathered | None = None) -> dict:
                 np.sqrt(g.energy_var["epistemic"]), np.sqrt(ood.energy_var["epistemic"])
             )
     return out
-
-
-def fit_calibration(g: Gathered, current: Calibration | None = None) -> Calibration:
-    """Variance scales minimising the NLL on ``g`` (which was gathered with ``current`` applied).
-
-    Energy: s_E = mean(e²/σ²). Forces, with the full 3×3 covariance: s_F = mean(ΔFᵀΣ⁻¹ΔF)/3.
-    The result multiplies the current factors (pass ``g`` gathered without any calibration to
-    get absolute factors; ``ase-race calibrate`` does).
-    """
-    current = current or Calibration()
-    s_e = float(np.mean((g.energy_ref - g.energy_pred) ** 2 / g.energy_var["total"]))
-    s_f = float(np.mean(g.forces_mahalanobis) / 3.0)
-    return Calibration(
-        energy_var_scale=current.energy_var_scale * s_e,
-        forces_var_scale=current.forces_var_scale * s_f,
-        stress_var_scale=current.stress_var_scale,
-    )
-
-
-def isotonic_variance_map(variance, squared_error, max_points: int = 200) -> tuple:
-    """A monotone map predicted variance → calibrated variance, (x, y) with x increasing.
-
-    Isotonic (pool-adjacent-violators) regression of the squared errors on the predicted
-    variances: y is the non-decreasing function closest to E[e² | σ²] in least squares. Its
-    constant blocks are summarised by their mean σ² (x) and fitted value (y), thinned to at
-    most ``max_points``.
-    """
-    order = np.argsort(variance, kind="stable")
-    x, target = np.asarray(variance, dtype=np.float64)[order], np.asarray(squared_error, dtype=np.float64)[order]
-    values, weights, sums_x = [], [], []
-    for xi, yi in zip(x, target):  # pool adjacent violators
-        values.append(yi), weights.append(1.0), sums_x.append(xi)
-        while len(values) > 1 and values[-2] > values[-1]:
-            w = weights[-2] + weights[-1]
-            values[-2] = (values[-2] * weights[-2] + values[-1] * weights[-1]) / w
-            sums_x[-2] += sums_x[-1]
-            weights[-2] = w
-            del values[-1], weights[-1], sums_x[-1]
-    bx = np.array(sums_x) / np.array(weights)
-    by = np.maximum(np.array(values), 1e-30)
-    if bx.size > max_points:
-        keep = np.unique(np.linspace(0, bx.size - 1, max_points).round().astype(int))
-        bx, by = bx[keep], by[keep]
-    return tuple(bx.tolist()), tuple(by.tolist())
-
-
-def fit_isotonic(g: Gathered, current: Calibration) -> Calibration:
-    """``current`` plus isotonic maps for energies and forces fitted on ``g``.
-
-    ``g`` must have been gathered with ``current``'s scales and no isotonic maps applied.
-    Forces: per atom, the mean diagonal variance against the mean squared component error.
-    """
-    energy_err2 = (g.energy_ref - g.energy_pred) ** 2
-    f_err2 = ((g.forces_ref - g.forces_pred) ** 2).reshape(-1, 3).mean(axis=1)
-    f_var = g.forces_var["total"].reshape(-1, 3).mean(axis=1)
-    return Calibration(
-        energy_var_scale=current.energy_var_scale, forces_var_scale=current.forces_var_scale,
-        stress_var_scale=current.stress_var_scale,
-        energy_isotonic=isotonic_variance_map(g.energy_var["total"], energy_err2),
-        forces_isotonic=isotonic_variance_map(f_var, f_err2),
-    )
 
 
 def figures(g: Gathered, out_dir: Path, label: str = "") -> list[Path]:

@@ -92,12 +92,12 @@ def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: S
     ``calibrate_on``: held-out labelled frames (the ones the shipped calibration was fitted
     on). A calibration scales the variance of particular networks; once they have moved it no
     longer fits them, so with ``calibrate_on`` the NLL-optimal variance scales are refitted
-    there after every retraining (:func:`~ase_race.training.assess.fit_calibration`; an
-    isotonic map is replaced by scales). Without it the old calibration is kept.
+    there after every retraining (:func:`~ase_race.training.assess.calibrate`; an isotonic map
+    is replaced by scales, the stress scale is kept). Without it the old calibration is kept.
     """
     from ..data.readers import frame_from_atoms
-    from ..modelfile import Calibration, ModelBundle
-    from .assess import fit_calibration, gather
+    from ..modelfile import ModelBundle
+    from .assess import calibrate
 
     # E0 references carry no forces and would set the energy scale on single atoms
     calibrate_on = [f for f in calibrate_on if not f.is_isolated_atom]
@@ -108,11 +108,7 @@ def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: S
         posterior = fine_tune(bundle.posterior, frames, epochs=epochs, lr=lr, seed=seed + 1000 * next(rounds), **kwargs)
         calibration = bundle.calibration
         if calibrate_on:
-            raw = ModelBundle(posterior, Calibration(), bundle.metadata)
-            device = next(_networks(posterior)[0].parameters()).device
-            # energy and force scales are refitted; the stress scale (not fitted here) is kept
-            kept = Calibration(stress_var_scale=bundle.calibration.stress_var_scale)
-            calibration = fit_calibration(gather(raw, calibrate_on, device=device), current=kept)
+            calibration = calibrate(ModelBundle(posterior, bundle.calibration, bundle.metadata), calibrate_on)
             log.info("recalibrated on %d frames: %s", len(calibrate_on), calibration)
         return ModelBundle(posterior, calibration, bundle.metadata)
 

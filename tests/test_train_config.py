@@ -1,0 +1,127 @@
+"""TrainConfig: method options as nested sections, the flat keys of earlier releases, frozen
+data that round-trips; training from frames in memory; IVON's sampled step on an exception."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from ase.io import read
+
+from ase_race.errors import ConfigError
+from ase_race.training import TrainConfig, fit, train
+from ase_race.training.methods import registered_methods
+from ase_race.training.methods.swag import SWAGOptions
+
+TINY = {"num_features": 4, "hidden_irreps": "4x0e+4x1o", "sh_lmax": 1, "radial_mlp": [8], "readout_hidden": 4, "dtype": "float64"}
+
+
+def test_sections_are_typed_and_round_trip():
+    config = TrainConfig(method="swag", swag={"rank": 5, "start_epoch": 3}, model={"num_layers": 3})
+    assert isinstance(config.swag, SWAGOptions) and config.swag.rank == 5 and config.method_options is config.swag
+    assert config.ensemble.members == 10  # every method has its section, with defaults
+    data = config.to_dict()
+    assert data["swag"] == dataclasses.asdict(config.swag) and "options" not in data
+    assert TrainConfig.from_dict(data) == config
+    # a section given as a dict in replace() changes only the keys it names
+    changed = config.replace(swag={"rank": 7})
+    assert (changed.swag.rank, changed.swag.start_epoch) == (7, 3)
+
+
+def test_config_is_frozen_including_the_model_overrides():
+    config = TrainConfig(model={"num_layers": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 1.0
+    with pytest.raises(TypeError):
+        config.model["num_layers"] = 4
+
+
+def test_flat_keys_of_earlier_releases_are_read_with_a_deprecation_message():
+    with pytest.warns(FutureWarning, match="'swag_rank' is deprecated; write 'swag.rank'"):
+        config = TrainConfig(method="swag", swag_rank=6, test_samples=8, members=3)
+    assert (config.swag.rank, config.swag.test_samples, config.ensemble.members) == (6, 8, 3)
+    # the shared flat key test_samples belongs to the method that runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        assert TrainConfig(method="ivon", test_samples=5).ivon.test_samples == 5
+        assert TrainConfig(method="ivon", test_samples=5).swag.test_samples == 0
+
+
+def test_yaml_sections_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: laplace\nlaplace:\n  subset: last_layer\nmodel:\n  num_layers: 3\n")
+    config = TrainConfig.from_yaml(str(path), ["laplace.prior_precision=2.5", "model.num_features=8", "lr=0.1"])
+    assert (config.laplace.subset, config.laplace.prior_precision) == ("last_layer", 2.5)
+    assert dict(config.model) == {"num_layers": 3, "num_features": 8} and config.lr == 0.1
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"swag": {"rnk": 3}}, "unknown SWAGOptions keys \\['rnk'\\]"),
+    ({"laplace": {"subset": "first_layer"}}, "laplace.subset='first_layer' is not one of"),
+    ({"method": "mcdropout"}, "method='mcdropout' is not one of"),
+    ({"swag_rnk": 3}, "unknown training config keys \\['swag_rnk'\\]"),
+    ({"plateau_factor": 1.5}, "plateau_factor must be in \\(0, 1\\]"),
+])
+def test_bad_settings_are_refused_by_name(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**bad)
+
+
+def test_every_registered_method_has_cli_choices():
+    from ase_race.cli.train import LAPLACE_SUBSETS, METHODS
+    from ase_race.training.methods.laplace import SUBSETS
+
+    assert set(registered_methods()) == set(METHODS) and SUBSETS == LAPLACE_SUBSETS
+
+
+def _config(emt_file, out, **kw):
+    return TrainConfig(**{**dict(
+        train_file=str(emt_file), e0s="fit", valid_fraction=4, preset="tiny", model=TINY, loss="nll_jef",
+        warmup_epochs=1, batch_size=3, max_epochs=2, lr=0.01, output_dir=str(out), seed=3,
+    ), **kw})
+
+
+def test_fit_from_frames_in_memory_equals_training_from_the_file(emt_file, tmp_path):
+    """The same structures, once as ase.Atoms in memory and once as a file, give the same model;
+    in memory with in_memory=True nothing is written."""
+    from ase_race import load_model
+
+    from_file = load_model(train(_config(emt_file, tmp_path / "file"))).posterior
+    atoms = read(emt_file, ":")
+    out = tmp_path / "memory"
+    bundle = fit(_config("", out), train=atoms, in_memory=True)
+    assert not out.exists()
+    for a, b in zip(from_file.model.parameters(), bundle.posterior.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bundle.metadata["training"]["n_train"] == 8
+
+
+def test_frames_without_labels_are_named(tmp_path):
+    from ase.build import molecule
+
+    from ase_race.errors import DataError
+
+    with pytest.raises(DataError, match="training structure 0 has no energy under key 'REF_energy'"):
+        fit(TrainConfig(e0s="fit", output_dir=str(tmp_path)), train=[molecule("H2O")], in_memory=True)
+
+
+def test_ivon_restores_the_mean_weights_when_a_sampled_step_fails(emt_file, tmp_path, monkeypatch):
+    from ase_race.training.api import prepare
+    from ase_race.training.batches import GraphDataset
+    from ase_race.training.loop import Trainer
+    from ase_race.training.methods import method_class
+
+    config = _config(emt_file, tmp_path / "ivon", method="ivon")
+    model_config, train_frames, valid_frames = prepare(config)
+    sets = [GraphDataset(f, model_config.species, model_config.r_max, torch.float64) for f in (train_frames, valid_frames)]
+    trainer = Trainer(config, model_config, *sets, hooks=method_class("ivon").hooks(config), in_memory=True)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+
+    def failing_loss(*args, **kwargs):
+        raise torch.linalg.LinAlgError("the force covariance is not positive definite")
+
+    monkeypatch.setattr(trainer, "loss", failing_loss)
+    with pytest.raises(torch.linalg.LinAlgError):
+        trainer.run(max_steps=1)
+    for a, b in zip(trainer.model.parameters(), before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
