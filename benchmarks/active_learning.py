@@ -38,7 +38,7 @@ KEYS = KeyMap(energy="energy", forces="forces")
 def config(args, valid_file: Path) -> TrainConfig:
     return TrainConfig(
         valid_file=str(valid_file), e0s_file=str(DATA / "iso_atoms.xyz"), e0s="isolated", preset=args.preset,
-        model={"dtype": "float32"}, method="ensemble", members=args.members, loss="nll_jef", energy_weight=1.0,
+        model={"dtype": "float32"}, method="ensemble", ensemble={"members": args.members}, loss="nll_jef", energy_weight=1.0,
         forces_weight=1.0, warmup_epochs=20, batch_size=4, lr=0.01, plateau_patience=8, checkpoint_every=1000,
     )
 

@@ -64,7 +64,7 @@ def base_config(args, loss: str, out: Path) -> TrainConfig:
         energy_key="energy", forces_key="forces", valid_fraction=50, preset=args.preset,
         model={"dtype": "float32"}, loss=loss, energy_weight=1.0, forces_weight=1.0,
         warmup_epochs=0 if loss == "mse" else args.warmup, batch_size=8, max_epochs=args.epochs, lr=0.01,
-        plateau_patience=8, members=args.members, seed=args.seed, output_dir=str(out), model_name="model",
+        plateau_patience=8, ensemble={"members": args.members}, seed=args.seed, output_dir=str(out), model_name="model",
         checkpoint_every=500,
     )
 
@@ -88,11 +88,11 @@ def fit(method: str, loss: str, args, root: Path) -> tuple[Path, float]:
     config = base_config(args, loss, out).replace(method=method)
     if method == "swag":
         config = config.replace(
-            max_epochs=args.epochs + args.swag_epochs, swag_start_epoch=args.epochs, swag_rank=20, swag_lr=0.002,
+            max_epochs=args.epochs + args.swag_epochs, swag={"start_epoch": args.epochs, "rank": 20, "lr": 0.002},
         )
     if method == "laplace":  # around the single network of this loss (for mse too, though it is no row)
         base_path, wall = fit("mve", loss, args, root)
-        config = config.replace(base_model=str(base_path))
+        config = config.replace(laplace={"base_model": str(base_path)})
         start = time.perf_counter() - wall
     path = train(config)
     return path, time.perf_counter() - start
