@@ -63,7 +63,7 @@ RMD17_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "rmd17_et
 @pytest.mark.parametrize("name", ["ethanol-mve", "ethanol-llla"])
 def test_single_network_models_ship_with_the_scales_fitted_on_validation(name):
     # As trained, their energy variance is ~10x too large on validation (the fitted scale is
-    # ~0.1); the file must carry the scales that shipping.py recorded next to them.
+    # ~0.1); the file must carry the scales that shipping (ase_race.training.ship) recorded next to them.
     bundle = load_model(name)
     assert bundle.calibration.to_dict() == bundle.metadata["shipping"]["calibration"]
     assert 0.05 < bundle.calibration.energy_var_scale < 0.2

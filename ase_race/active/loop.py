@@ -41,7 +41,7 @@ from ase.io import read, write
 from ..data import Frame, KeyMap
 from ..errors import ConfigError
 from ..evaluation import mae, rmse
-from ..modelfile import atomic_write_text
+from .._atomic import atomic_write_text
 from ..training import TrainConfig
 from .acquisition import STRATEGIES, acquisition_scores, rdf_descriptor, select
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ship", help="calibrate a trained model on validation data, test it, write the file to ship")
-    p.add_argument("run", help="the trained model file (or a shipped model name)")
+    p.add_argument("model", metavar="RUN", help="the trained model file (or a shipped model name)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of --config, as given to ase-race train")
     p.add_argument("--calibrate-on", metavar="VALID", help="labelled validation structures to fit the calibration on")
     p.add_argument("--config", metavar="RECIPE", help="the run's training config: calibrate on its validation set "
@@ -50,8 +50,8 @@ def run(args) -> int:
     keys = dataclasses.replace(keys, **{k: v for k, v in changes.items() if v})
     calibrate_on = None if args.uncalibrated else (args.calibrate_on or config)
     test = args.test or (config.test_file if config is not None and config.test_file else None)
-    out = Path(args.output) if args.output else Path("models") / Path(args.run).with_suffix(".pt").name
-    path = ship(args.run, calibrate_on, out, test=test, aleatoric=args.aleatoric, isotonic=args.isotonic, keys=keys)
+    out = Path(args.output) if args.output else Path("models") / Path(args.model).with_suffix(".pt").name
+    path = ship(args.model, calibrate_on, out, test=test, aleatoric=args.aleatoric, isotonic=args.isotonic, keys=keys)
     print(format_shipping(read_model_dict(path)["metadata"]["shipping"]))
     print(f"wrote {path}")
     return 0

@@ -22,7 +22,8 @@ from ..config import ModelConfig
 from ..data import Frame, KeyMap, dataset_statistics, fit_e0s, isolated_atom_e0s, read_frames, split_frames
 from ..data.readers import fingerprint, frame_from_atoms
 from ..errors import ConfigError, DataError
-from ..modelfile import ModelBundle, atomic_write_text, save_model
+from .._atomic import atomic_write_text
+from ..modelfile import ModelBundle, save_model
 from ..nn import TORCH_DTYPES
 from .batches import GraphDataset
 from .config import TrainConfig

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ConfigError, TrainingError
-from ..modelfile import atomic_torch_save, atomic_write_text
+from .._atomic import atomic_torch_save, atomic_write_text
 from ..nn import RACE, build_model
 from . import distributed as dist_utils
 from .batches import Batch, GraphDataset, predictions_for_loss
