@@ -179,6 +179,8 @@ def load_model(
         # files written before posterior states were versioned hold layout 1
         posterior = cls.load_state(config, data["posterior"]["state"], int(data["posterior"].get("version", 1)))
         calibration = Calibration.from_dict(data["calibration"])
+    except ModelFileError as err:
+        raise ModelFileError(f"{path}: {err}") from None
     except (ConfigError, KeyError, TypeError) as err:
         raise ModelFileError(f"{path}: malformed model file: {err}") from None
     except RuntimeError as err:  # load_state_dict: missing/unexpected/mis-shaped tensors

@@ -31,7 +31,7 @@ from ase_race.training.finetune import fine_tune
 HERE = Path(__file__).resolve().parent
 
 ROWS = [  # name, rehearsed structures, EMA decay, refit calibration
-    ("new frames only (session-3 setting)", 0, 0.0, False),
+    ("new frames only (no rehearsal, raw iterates)", 0, 0.0, False),
     ("+ rehearse 80 training structures", 80, 0.0, False),
     ("+ EMA weights (0.99)", 80, 0.99, False),
     ("+ calibration refitted on validation", 80, 0.99, True),

@@ -1,4 +1,4 @@
-"""Uncertainty quality of every posterior and loss on 3BPA (SPEC §9; issue 5's benchmark).
+"""Uncertainty quality of every posterior and loss on 3BPA (docs/evaluation.md has the metrics).
 
     OMP_NUM_THREADS=1 python benchmarks/uq_3bpa.py [--preset tiny] [--epochs 35] [--members 3]
         [--only ensemble:nll_jef,...] [--out runs/uq_3bpa]

@@ -125,3 +125,139 @@ def test_ivon_restores_the_mean_weights_when_a_sampled_step_fails(emt_file, tmp_
         trainer.run(max_steps=1)
     for a, b in zip(trainer.model.parameters(), before):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_section_option_wins_over_the_flat_key_of_an_old_config(tmp_path):
+    """An old YAML file with flat keys plus a new override or CLI flag: the override counts."""
+    path = tmp_path / "old.yaml"
+    path.write_text("method: laplace\nlaplace_subset: all\nmembers: 3\nswag_rank: 40\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        config = TrainConfig.from_yaml(str(path), ["laplace.subset=last_layer", "ensemble.members=5", "swag.rank=8"])
+        assert (config.laplace.subset, config.ensemble.members, config.swag.rank) == ("last_layer", 5, 8)
+        # and replace() with a flat key still changes the option
+        assert config.replace(swag_rank=12).swag.rank == 12
+
+
+def test_cli_flags_reach_the_method_sections(tmp_path):
+    import argparse
+
+    from ase_race.cli import train as cli_train
+
+    path = tmp_path / "old.yaml"
+    path.write_text("train_file: x.extxyz\nlaplace_subset: all\n")
+    seen = {}
+    parser = argparse.ArgumentParser()
+    cli_train.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", str(path), "--method", "laplace", "--laplace-subset", "last_layer",
+                              "--test-samples", "4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import ase_race.training
+
+        original = ase_race.training.train
+        ase_race.training.train = lambda config: seen.setdefault("config", config) and tmp_path
+        try:
+            cli_train.run(args)
+        finally:
+            ase_race.training.train = original
+    config = seen["config"]
+    assert (config.method, config.laplace.subset, config.laplace.test_samples) == ("laplace", "last_layer", 4)
+    args = parser.parse_args(["train", str(path), "--method", "mve", "--test-samples", "4"])
+    with pytest.raises(ConfigError, match="--test-samples: method 'mve' has no option 'test_samples'"):
+        cli_train.run(args)
+
+
+def test_config_pickles_and_copies():
+    import copy
+    import pickle
+
+    config = TrainConfig(method="swag", swag={"rank": 5}, model={"num_layers": 3})
+    assert pickle.loads(pickle.dumps(config)) == config == copy.deepcopy(config)
+    assert dataclasses.asdict(config)["options"]["swag"]["rank"] == 5
+
+
+def _datasets(config):
+    from ase_race.training.api import prepare
+    from ase_race.training.batches import GraphDataset
+
+    model_config, train_frames, valid_frames = prepare(config)
+    sets = [GraphDataset(f, model_config.species, model_config.r_max, torch.float64) for f in (train_frames, valid_frames)]
+    return model_config, sets
+
+
+def test_a_trainer_without_hooks_takes_those_of_its_method(emt_file, tmp_path):
+    import ivon
+
+    from ase_race.training.loop import Trainer
+
+    config = _config(emt_file, tmp_path / "run", method="ivon")
+    model_config, sets = _datasets(config)
+    assert isinstance(Trainer(config, model_config, *sets, in_memory=True).optimizer, ivon.IVON)
+
+
+def test_ivon_forgets_earlier_samples_of_a_step_that_fails(emt_file, tmp_path, monkeypatch):
+    from ase_race.training.loop import Trainer
+
+    config = _config(emt_file, tmp_path / "run", method="ivon", ivon={"train_samples": 2})
+    model_config, sets = _datasets(config)
+    trainer = Trainer(config, model_config, *sets, in_memory=True)
+    loss, calls = trainer.loss, []
+
+    def second_sample_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.linalg.LinAlgError("not positive definite")
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "loss", second_sample_fails)
+    with pytest.raises(torch.linalg.LinAlgError):
+        trainer.run(max_steps=1)
+    assert trainer.optimizer.state["count"] == 0 and trainer.optimizer.state["avg_grad"] is None
+
+
+@pytest.mark.parametrize("method", ["ivon", "swag"])
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(method, emt_file, tmp_path):
+    """Checkpoints written before method sections existed (flat config keys, the method's state
+    under ivon_step / ivon_rng / swag, no data fingerprint) resume to the same weights."""
+    from ase_race.training.loop import CHECKPOINT_NAME, Trainer
+
+    extra = {"method": method, "swag": {"start_epoch": 0, "rank": 2}, "max_epochs": 3}
+    whole_config = _config(emt_file, tmp_path / "whole", **extra)
+    model_config, sets = _datasets(whole_config)
+    whole = Trainer(whole_config, model_config, *sets)
+    whole.run()
+    split_config = _config(emt_file, tmp_path / "split", **extra)
+    first = Trainer(split_config, model_config, *sets)
+    first.run(max_steps=5)
+    first.save_checkpoint()
+    path = tmp_path / "split" / CHECKPOINT_NAME
+    data = torch.load(path, weights_only=True)
+    flat = {k: v for k, v in data["train_config"].items() if k not in registered_methods()}
+    flat.update({f"swag_{k}": v for k, v in data["train_config"]["swag"].items() if k != "test_samples"})
+    flat.update({f"ivon_{k}": v for k, v in data["train_config"]["ivon"].items() if k != "test_samples"})
+    flat.update(members=10, test_samples=0, laplace_subset="all", laplace_prior_precision=0.0,
+                laplace_noise="residual", base_model="")
+    state = data.pop("method_state")
+    data.pop("data_fingerprint")
+    data["train_config"] = flat
+    data["ivon_step"], data["ivon_rng"] = state.get("step", 0), state.get("rng", torch.Generator().get_state())
+    data["swag"] = state if method == "swag" else None
+    torch.save(data, path)
+    second = Trainer(split_config, model_config, *sets)
+    assert second.state.global_step == 5
+    second.run()
+    for a, b in zip(second.model.parameters(), whole.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_other_structures_is_refused(emt_file, tmp_path):
+    from ase_race.training.loop import Trainer
+
+    config = _config("", tmp_path / "run", model={**TINY, "scale": 1.0, "shift": 0.0, "avg_num_neighbors": 3.0,
+                                                   "e0s": [0.0, 0.0, 0.0], "species": [1, 6, 8]})
+    atoms = read(emt_file, ":")
+    fit(config, train=atoms)
+    atoms[0].positions[0, 0] += 0.1
+    with pytest.raises(ConfigError, match="the training or validation structures"):
+        fit(config, train=atoms)

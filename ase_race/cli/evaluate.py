@@ -55,6 +55,7 @@ def _table(metrics: dict) -> str:
 
 
 def run_evaluate(args) -> int:
+    from .._atomic import atomic_write_text
     from ..evaluation import Calibration
     from ..modelfile import load_model
     from ..training.assess import assess, figures, gather
@@ -83,7 +84,7 @@ def run_evaluate(args) -> int:
         print("OOD AUROC (" + args.ood + "): " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["ood_auroc"].items()))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     paths = figures(data, out, label=Path(args.data).name)
     print(f"wrote {out / 'metrics.json'} and " + ", ".join(p.name for p in paths))
     return 0

@@ -15,14 +15,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ..errors import ModelFileError
     from ..modelfile import load_model, read_model_dict, resolve_model_path
 
     data = read_model_dict(args.model)
-    posterior = load_model(args.model).posterior
+    try:
+        posterior = load_model(args.model).posterior.describe()
+    except ModelFileError as err:  # still say what the file holds, and why it cannot be used
+        posterior = f"{data['posterior'].get('kind')!r} (not loadable here: {err})"
     summary = {
         "file": str(resolve_model_path(args.model)),
         "format": f"{data['format']} v{data['version']}",
-        "posterior": posterior.describe(),
+        "posterior": posterior,
         "species": [chemical_symbols[z] for z in data["config"]["species"]],
         "cutoff_A": data["config"]["r_max"],
         "dtype": data["config"]["dtype"],

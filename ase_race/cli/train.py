@@ -34,6 +34,7 @@ FLAGS = {"method": "method", "members": "ensemble.members", "test_samples": "{me
 
 
 def run(args) -> int:
+    from ..errors import ConfigError
     from ..training import TrainConfig, train
 
     # Allow "ase-race train key=value ..." without a config file.
@@ -45,12 +46,17 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     method = [f"method={args.method}"] if args.method else []
     config = TrainConfig.from_yaml(path, overrides + method)
-    flags = [f"{key.format(method=config.method)}={getattr(args, name)}" for name, key in FLAGS.items()
-             if name != "method" and getattr(args, name) is not None]
-    if flags:
-        if args.test_samples is not None and not hasattr(config.method_options, "test_samples"):
-            raise SystemExit(f"--test-samples: method {config.method!r} draws no weight samples")
-        config = TrainConfig.from_yaml(path, overrides + method + flags)
+    sections: dict = {}
+    for name, key in FLAGS.items():
+        value = getattr(args, name)
+        if name == "method" or value is None:
+            continue
+        section, _, option = key.format(method=config.method).partition(".")
+        if config.options.get(section) is None or not hasattr(config.options[section], option):
+            raise ConfigError(f"--{name.replace('_', '-')}: method {config.method!r} has no option {option!r}")
+        sections.setdefault(section, {})[option] = value
+    if sections:
+        config = config.replace(**sections)
     out = train(config)
     print(f"model written to {out}")
     return 0

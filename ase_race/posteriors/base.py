@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelFileError
 from ..graph import AtomicGraph
 
 
@@ -115,9 +115,9 @@ class Posterior(ABC):
     def load_state(cls, config: ModelConfig, state: dict[str, Any], version: int = 1) -> "Posterior":
         """:meth:`from_state_dict` for a state written with layout ``version``."""
         if version > cls.state_version:
-            raise ConfigError(
-                f"the {cls.kind!r} posterior state has layout version {version}, this ase-race reads up "
-                f"to {cls.state_version}; upgrade ase-race to load it"
+            raise ModelFileError(
+                f"written by a newer ase-race (the {cls.kind!r} posterior state has layout version {version}, "
+                f"this ase-race reads up to {cls.state_version}); upgrade ase-race to load it"
             )
         for old in range(version, cls.state_version):
             state = cls.upgrade_state(state, old)

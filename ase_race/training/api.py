@@ -122,7 +122,10 @@ def fit(
     on_step=None,
     in_memory: bool = False,
 ) -> ModelBundle | None:
-    """Fit the posterior ``config.method`` and evaluate it; nothing is written but checkpoints.
+    """Fit the posterior ``config.method`` and evaluate it; no model file is written.
+
+    Unless ``in_memory``, ``output_dir`` gets what resumes a killed run (checkpoints and
+    ``metrics.csv``, per member for an ensemble).
 
     Args:
         config: the run's settings; its data files are read only where no data are passed.

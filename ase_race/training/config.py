@@ -21,11 +21,27 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
 from ..config import LOSSES, ModelConfig
 from ..errors import ConfigError
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes (the frozen config's mappings); copies and pickles as a dict."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a TrainConfig is frozen: build a new one with replace()")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return (ReadOnlyDict, (dict(self),))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return ReadOnlyDict(copy.deepcopy(dict(self), memo))
 
 
 def _methods():
@@ -117,7 +133,7 @@ class TrainConfig:
             else:
                 value = f.default_factory()
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "model", MappingProxyType(dict(self.model)))
+        object.__setattr__(self, "model", ReadOnlyDict(self.model))
         sections: dict[str, Any] = {}
         given = dict(self.options)
         for kind, method in methods.items():
@@ -126,19 +142,27 @@ class TrainConfig:
                     raise ConfigError(f"method {kind!r} has no options; remove the {kind!r} section")
                 sections[kind] = None
                 continue
+            # Precedence, lowest first: defaults (or the sections being replaced), the flat keys
+            # of earlier releases, the section itself; so that a section option given on top of
+            # an old config (a CLI flag, an override) wins.
             section = given.get(kind)
             section = method.Options() if section is None else _section(method, kind, section)
+            old = {k: v for k, v in kwargs.items() if k in method.legacy_keys()}
+            if old:
+                section = method.read_legacy(section, old, kwargs.get("method", "mve"))
             if kwargs.get(kind) is not None:
                 section = _merge(method, kind, section, kwargs[kind])
-            old = {k: v for k, v in kwargs.items() if k in method.legacy_keys()}
-            sections[kind] = method.read_legacy(section, old, kwargs.get("method", "mve")) if old else section
+            sections[kind] = section
         for key in sorted(legacy & set(kwargs)):
             owners = [kind for kind, m in methods.items() if key in m.legacy_keys()]
             target = kwargs.get("method", "mve") if len(owners) > 1 else owners[0]
             name = methods[target].legacy_keys().get(key) if target in owners else None
             warn_deprecated(key, f"{target}.{name}" if name else f"<{'|'.join(owners)}>.{key} (ignored by method {target!r})")
-        object.__setattr__(self, "options", MappingProxyType(sections))
+        object.__setattr__(self, "options", ReadOnlyDict(sections))
         self._validate()
+
+    def __reduce__(self):
+        return (TrainConfig.from_dict, (self.to_dict(),))
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not fields: a method's options section.
@@ -239,4 +263,4 @@ def _merge(method, kind: str, current: Any, value: Any) -> Any:
 
 def warn_deprecated(old: str, new: str) -> None:
     """The message for a flat key of an earlier release."""
-    warnings.warn(f"training config key {old!r} is deprecated; write {new!r} instead", FutureWarning, stacklevel=4)
+    warnings.warn(f"training config key {old!r} is deprecated; write {new!r} instead", FutureWarning, stacklevel=3)

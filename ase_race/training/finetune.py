@@ -78,10 +78,6 @@ def fine_tune(posterior: Posterior, frames: list[Frame], epochs: int = 20, lr: f
     return tuned
 
 
-def _networks(posterior: Posterior) -> list:
-    return posterior.networks()
-
-
 def retrainer(epochs: int = 20, lr: float = 1e-3, seed: int = 0, calibrate_on: Sequence[Frame] = (), **kwargs):
     """A ``retrain(bundle, atoms_list) -> bundle`` for :class:`~ase_race.calculator.FallbackCalculator`
     that fine-tunes on the labelled ``ase.Atoms`` it collected (``REF_energy``/``REF_forces``).

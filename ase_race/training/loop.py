@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig
+from ..data.readers import fingerprint
 from ..errors import ConfigError, TrainingError
 from .._atomic import atomic_torch_save, atomic_write_text
 from ..nn import RACE, build_model
@@ -139,7 +140,8 @@ class Trainer:
         train, valid: datasets built in ``model_config.dtype``.
         on_step: optional callback ``f(trainer)`` after every optimiser step (tests use it).
         initial_weights: a state_dict to start from instead of random weights (fine-tuning).
-        hooks: the method's changes to the loop (see :class:`TrainingHooks`).
+        hooks: the method's changes to the loop (see :class:`TrainingHooks`); default: those of
+            ``config.method`` (none for most methods).
         in_memory: keep everything in memory: no checkpoint is read or written and no
             metrics.csv (a run that cannot be resumed, e.g. a short fine-tune).
     """
@@ -159,6 +161,10 @@ class Trainer:
         self.model_config = model_config
         self.train_set, self.valid_set = train, valid
         self.on_step = on_step
+        if hooks is None:
+            from .methods import method_class  # the methods build on this module
+
+            hooks = method_class(config.method).hooks(config)
         self.hooks = hooks or TrainingHooks()
         self.in_memory = in_memory
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -191,6 +197,8 @@ class Trainer:
         self.weights = LossWeights(config.energy_weight, config.forces_weight, config.beta)
         self.net = dist_utils.wrap(self.model, self.device)
         self.checkpoint_path = None if in_memory else self.out_dir / CHECKPOINT_NAME
+        #: identifies the data, which may come from memory rather than the config's files
+        self.data_fingerprint = fingerprint(train.frames) + fingerprint(valid.frames)
         if self.checkpoint_path is not None and self.checkpoint_path.exists():
             self.load_checkpoint()
 
@@ -201,6 +209,7 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "model_config": self.model_config.to_dict(),
             "cwd": str(Path.cwd()),  # where the config's relative paths point from
+            "data_fingerprint": self.data_fingerprint,
             "model": self.model.state_dict(),
             "ema": self.ema,
             "optimizer": self.optimizer.state_dict(),
@@ -237,6 +246,8 @@ class Trainer:
         except ConfigError as err:
             raise ConfigError(f"{self.checkpoint_path} holds settings this version cannot read ({err})") from None
         changed = sorted(k for k in new if not _same_setting(k, old.get(k), new[k], data.get("cwd")))
+        if data.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            changed.append("the training or validation structures")  # older checkpoints lack it
         if changed or data["model_config"] != self.model_config.to_dict():
             raise ConfigError(
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "

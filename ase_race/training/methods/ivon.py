@@ -107,21 +107,27 @@ class IVONHooks(TrainingHooks):
             torch.set_rng_state(self.rng)
             if devices:  # IVON samples on the parameters' device: seed it from our stream
                 torch.cuda.manual_seed(int(torch.randint(2**62, (1,))))
-            for _ in range(self.options.train_samples):
-                with sampled_weights(optimizer, model.parameters()):
-                    # IVON reads p.grad at the end of each sample: it must hold this sample's only.
-                    optimizer.zero_grad(set_to_none=False)
-                    loss, parts = trainer.loss(batch, ref, warmup)
+            try:
+                for _ in range(self.options.train_samples):
+                    with sampled_weights(optimizer, model.parameters()):
+                        # IVON reads p.grad at the end of each sample: it must hold this sample's only.
+                        optimizer.zero_grad(set_to_none=False)
+                        loss, parts = trainer.loss(batch, ref, warmup)
+                        if torch.isfinite(loss):
+                            trainer.backward(loss)
+                        else:
+                            # A weight sample far in the tail can make the NLL overflow; it then
+                            # contributes no gradient instead of turning IVON's state into NaN.
+                            self.skipped_samples += 1
+                            for p in model.parameters():
+                                p.grad = torch.zeros_like(p)
                     if torch.isfinite(loss):
-                        trainer.backward(loss)
-                    else:
-                        # A weight sample far in the tail can make the NLL overflow; it then
-                        # contributes no gradient instead of turning IVON's state into NaN.
-                        self.skipped_samples += 1
-                        for p in model.parameters():
-                            p.grad = torch.zeros_like(p)
-                if torch.isfinite(loss):
-                    losses.append(loss.detach())
+                        losses.append(loss.detach())
+            except BaseException:
+                # Forget the gradients of this step's earlier samples, as IVON's own step does
+                # once it has used them, so that a caller who goes on starts a clean step.
+                optimizer._reset_samples()
+                raise
             self.rng = torch.get_rng_state()
         optimizer.step()
         self.steps = optimizer.current_step

@@ -267,7 +267,7 @@ class Laplace(Method):
             fitted = MVE().fit(config, model_config, train, valid, in_memory=in_memory, on_step=on_step)
             if fitted is None:
                 return None
-            model, summary = fitted.posterior.model, dict(fitted.summary)
+            model, summary = fitted.posterior.networks()[0], dict(fitted.summary)
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if (model.config.species, model.config.r_max, model.config.dtype) != (
             model_config.species, model_config.r_max, model_config.dtype
