@@ -67,11 +67,12 @@ def test_bad_settings_are_refused_by_name(bad, message):
         TrainConfig(**bad)
 
 
-def test_every_registered_method_has_cli_choices():
-    from ase_race.cli.train import LAPLACE_SUBSETS, METHODS
-    from ase_race.training.methods.laplace import SUBSETS
+def test_the_cli_refuses_an_unknown_method_with_the_registered_ones(capsys):
+    from ase_race.cli.main import main
 
-    assert set(registered_methods()) == set(METHODS) and SUBSETS == LAPLACE_SUBSETS
+    assert main(["train", "train_file=x.extxyz", "--method", "mcdropout"]) != 0
+    message = capsys.readouterr().err
+    assert "method='mcdropout' is not one of" in message and all(kind in message for kind in registered_methods())
 
 
 def _config(emt_file, out, **kw):
