@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import active_learn, demo, evaluate, info, md, predict, relax, select, ship, train
+from . import active_learn, demo, evaluate, info, md, predict, relax, select, ship, stress_test, train
 
-SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, ship, select, active_learn, info)
+SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, stress_test, ship, select, active_learn, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
