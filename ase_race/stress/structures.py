@@ -5,7 +5,7 @@ its scan and the scanned coordinate (a bond length or a pair distance in Å, a n
 amplitude in Å, or the frame index of an MD run). Kinds:
 
 * ``bond_stretch`` / ``bond_compress``: one bond of every element pair bonded in the molecule
-  (d < 1.2 × the sum of covalent radii), its terminal atom moved along the bond from the
+  (d < 1.2 × the sum of covalent radii), the smaller fragment moved along the bond from the
   equilibrium length out to ``max_distance`` (to dissociation) or in to 0.7 r₀;
 * ``atom_pair``: two atoms of every pair of the molecule's elements, alone, at a range of
   distances (the far ones are separated atoms);
@@ -55,12 +55,13 @@ def bond_scans(atoms: Atoms, max_distance: float = 6.0, n_stretch: int = 8,
                compress: tuple[float, ...] = (0.7, 0.8, 0.9)) -> list[Probe]:
     """Pull one bond of every bonded element pair to ``max_distance`` Å and compress it.
 
-    The atom moved is the one with fewer bonds (the hydrogen of a C–H bond, the terminal
-    atom otherwise), along the bond axis, everything else fixed. Stretched lengths are evenly
-    spaced from 1.1 r₀ to ``max_distance``; compressed ones are ``compress`` × r₀.
+    The bond is cut and the smaller of the two fragments it leaves (the hydrogen of a C–H
+    bond, the CH₃ of ethanol's C–C bond) is moved rigidly along the bond axis, so that a pull
+    is a dissociation into the two fragments; in a ring, only the bond's terminal atom moves.
+    Stretched lengths are evenly spaced from 1.1 r₀ to ``max_distance``; compressed ones are
+    ``compress`` × r₀.
     """
     pairs = bonds(atoms)
-    degree = np.bincount(np.array(pairs).ravel(), minlength=len(atoms)) if pairs else np.zeros(len(atoms), int)
     seen, probes = set(), []
     symbols = atoms.get_chemical_symbols()
     for i, j in pairs:
@@ -68,7 +69,12 @@ def bond_scans(atoms: Atoms, max_distance: float = 6.0, n_stretch: int = 8,
         if name in seen:
             continue
         seen.add(name)
-        fixed, moved = (i, j) if degree[j] <= degree[i] else (j, i)
+        side_i, side_j = _fragment(pairs, i, (i, j)), _fragment(pairs, j, (i, j))
+        if side_i & side_j:  # a ring: the bond does not cut the molecule
+            fixed, moved, fragment = i, j, {j}
+        else:
+            (fixed, _), (moved, fragment) = sorted(((i, side_i), (j, side_j)), key=lambda t: (-len(t[1]), t[0]))
+        fragment = sorted(fragment)
         axis = atoms.positions[moved] - atoms.positions[fixed]
         r0 = float(np.linalg.norm(axis))
         axis /= r0
@@ -76,9 +82,24 @@ def bond_scans(atoms: Atoms, max_distance: float = 6.0, n_stretch: int = 8,
         lengths += [("bond_stretch", r) for r in np.linspace(1.1 * r0, max(max_distance, 1.2 * r0), n_stretch)]
         for kind, r in lengths:
             probe = atoms.copy()
-            probe.positions[moved] = atoms.positions[fixed] + r * axis
+            probe.positions[fragment] += (r - r0) * axis
             probes.append(Probe(probe, kind, f"{name} bond ({symbols[fixed]}{fixed}–{symbols[moved]}{moved})", float(r)))
     return probes
+
+
+def _fragment(pairs, start: int, cut: tuple[int, int]) -> set[int]:
+    """Atoms reachable from ``start`` along ``pairs`` without crossing the bond ``cut``."""
+    seen, todo = {start}, [start]
+    while todo:
+        a = todo.pop()
+        for i, j in pairs:
+            if (i, j) == cut:
+                continue
+            for x, y in ((i, j), (j, i)):
+                if x == a and y not in seen:
+                    seen.add(y)
+                    todo.append(y)
+    return seen
 
 
 def atom_pairs(elements, distances: tuple[float, ...] = (0.9, 1.2, 1.6, 2.2, 3.0, 4.5, 6.0)) -> list[Probe]:
