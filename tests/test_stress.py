@@ -78,6 +78,9 @@ def test_labels_are_reused_from_the_cache_and_failed_references_left_out(tmp_pat
 
     kept = label(probes, lambda atoms: Failing())
     assert len(kept) == sum(len(set(p.atoms.numbers)) == 1 for p in probes)
+    # a list of calculators is tried in turn: the second takes over where the first fails
+    both = label(probes, lambda atoms: [Failing(), EMT()])
+    assert len(both) == len(probes) and [s.energy_ref for s in both] == [s.energy_ref for s in first]
 
 
 def _scored(kind, error, std, fstd, atoms=None, coordinate=0.0):

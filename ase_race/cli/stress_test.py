@@ -27,11 +27,18 @@ def add_parser(sub) -> None:
 
 
 def reference_factory(name: str):
-    """atoms → a fresh reference calculator (PySCF with the spin of the structure's electron count)."""
+    """atoms → the reference calculators to try, in turn.
+
+    PySCF: the lowest spin of the structure's electron count (restricted for a singlet), then,
+    if that SCF does not converge (a bond pulled into two radicals), two more unpaired
+    electrons (unrestricted): at dissociation the high-spin state is close to the
+    broken-symmetry ground state, and it converges. The labels file records which one gave
+    each label (``reference_attempt``).
+    """
     if name == "pyscf":
         from ..calculator.pyscf_ref import PySCFCalculator
 
-        return lambda atoms: PySCFCalculator(spin=int(atoms.numbers.sum()) % 2)
+        return lambda atoms: [PySCFCalculator(spin=int(atoms.numbers.sum()) % 2 + extra) for extra in (0, 2)]
     if name == "tblite":
         from tblite.ase import TBLite
 

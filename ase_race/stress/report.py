@@ -76,8 +76,8 @@ def _key(probe: Probe) -> str:
 
 
 def label(probes: Sequence[Probe], reference: Reference, cache: str | Path | None = None) -> list[Scored]:
-    """Reference energies and forces for ``probes``; a probe whose reference call fails is
-    left out (and logged). With ``cache`` (an extxyz file), labels of probes already there
+    """Reference energies and forces for ``probes``; a probe for which every reference
+    calculator fails is left out (and logged). With ``cache`` (an extxyz file), labels of probes already there
     (same kind, scan, coordinate and positions to 1e-6 Å) are reused and new ones added."""
     from ase.io import read, write
 
@@ -90,19 +90,13 @@ def label(probes: Sequence[Probe], reference: Reference, cache: str | Path | Non
         if hit is not None and len(hit) == len(probe.atoms) and np.allclose(hit.positions, probe.atoms.positions, atol=1e-6):
             scored.append(Scored(probe, float(hit.info["REF_energy"]), np.array(hit.arrays["REF_forces"])))
             continue
-        work = probe.atoms.copy()
-        work.calc = reference(work) if callable(reference) and not hasattr(reference, "calculate") else reference
-        try:
-            energy, forces = float(work.get_potential_energy()), np.array(work.get_forces(), dtype=np.float64)
-        except Exception as err:  # noqa: BLE001  a reference may fail in any way (an SCF that does not converge)
-            log.warning("reference failed on %s at %.3f: %s", probe.scan, probe.coordinate, err)
+        labels = _reference_labels(probe, reference)
+        if labels is None:
             continue
-        if not (math.isfinite(energy) and np.isfinite(forces).all()):
-            log.warning("reference gave non-finite labels on %s at %.3f; left out", probe.scan, probe.coordinate)
-            continue
+        energy, forces, attempt = labels
         scored.append(Scored(probe, energy, forces))
         record = probe.atoms.copy()
-        record.info.update(stress_key=_key(probe), REF_energy=energy)
+        record.info.update(stress_key=_key(probe), REF_energy=energy, reference_attempt=attempt)
         record.arrays["REF_forces"] = forces
         known[_key(probe)] = record
         new += 1
@@ -112,6 +106,26 @@ def label(probes: Sequence[Probe], reference: Reference, cache: str | Path | Non
             atomic_write_text(Path(cache), buffer.getvalue())
     log.info("labelled %d probes (%d new reference calls)", len(scored), new)
     return scored
+
+
+def _reference_labels(probe: Probe, reference: Reference):
+    """(energy, forces, which calculator gave them) from the first calculator that succeeds with
+    finite labels, or None. ``reference`` is a calculator, or a function of the atoms giving a
+    calculator or a list of them to try in turn (e.g. a singlet, then a triplet SCF)."""
+    candidates = reference(probe.atoms.copy()) if callable(reference) and not hasattr(reference, "calculate") else reference
+    candidates = list(candidates) if isinstance(candidates, (list, tuple)) else [candidates]
+    for attempt, calc in enumerate(candidates):
+        work = probe.atoms.copy()
+        work.calc = calc
+        try:
+            energy, forces = float(work.get_potential_energy()), np.array(work.get_forces(), dtype=np.float64)
+        except Exception as err:  # noqa: BLE001  a reference may fail in any way (an SCF that does not converge)
+            log.warning("reference %d failed on %s at %.3f: %s", attempt, probe.scan, probe.coordinate, err)
+            continue
+        if math.isfinite(energy) and np.isfinite(forces).all():
+            return energy, forces, attempt
+        log.warning("reference %d gave non-finite labels on %s at %.3f", attempt, probe.scan, probe.coordinate)
+    return None
 
 
 def predict(scored: Sequence[Scored], calc) -> None:
