@@ -11,6 +11,7 @@ then the caller's values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -51,6 +52,17 @@ class ModelConfig:
         energy_var: ``"sum"`` (σ_E² = Σ_i σ_i², extensive) or ``"paper"``
             (σ_E² = exp(mean_i log σ_i²)).
         dtype: ``"float64"`` or ``"float32"``, the dtype of the weights and of evaluation.
+        isolated_limit: None (off), or a coordination n_on > 0: the network's contribution
+            g_i = scale·e_i + shift of an atom is blended with its value for the isolated atom,
+            g_i − (1 − c(n_i))·g_iso(Z_i), where n_i = Σ_j u(r_ij) counts neighbours with
+            the radial envelope u and c rises smoothly from c(0) = 0 to c = 1 for n_i ≥ n_on.
+            An atom without neighbours then has energy E0(Z) exactly, and atoms with at least
+            n_on (weighted) neighbours are not changed at all.
+        max_log_var: None (off), or the largest per-atom log-variance log σ_i² (log eV²) of
+            the aleatoric heads: ℓ_i is replaced by ℓ_max − softplus(ℓ_max − ℓ_i), which is
+            the identity well below ℓ_max and bounds σ_i² by e^ℓ_max (the force heads' log
+            variance and vectors are bounded alike), so that a structure far from the
+            training data cannot produce an exponentially large aleatoric variance.
     """
 
     species: tuple[int, ...] = (1, 6, 8)
@@ -72,6 +84,8 @@ class ModelConfig:
     cov_eps: float = 1e-8
     energy_var: str = "sum"
     dtype: str = "float64"
+    isolated_limit: float | None = None
+    max_log_var: float | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences so that from_dict(to_dict()) compares equal.
@@ -104,6 +118,10 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.force_cov == "equivariant" and self.n_cov_vectors < 1:
             raise ConfigError("n_cov_vectors must be at least 1 for the equivariant force covariance")
+        if self.isolated_limit is not None and not self.isolated_limit > 0:
+            raise ConfigError(f"isolated_limit must be a positive coordination or None, got {self.isolated_limit}")
+        if self.max_log_var is not None and not math.isfinite(self.max_log_var):
+            raise ConfigError(f"max_log_var must be finite or None, got {self.max_log_var}")
         if self.cov_eps < 0:
             raise ConfigError(f"cov_eps must be non-negative, got {self.cov_eps}")
         self.hidden_multiplicity  # parses and checks hidden_irreps

@@ -1,8 +1,11 @@
 """Record every calculator result of the shipped models on a few fixed structures.
 
-tests/test_shipped_models.py checks that later code gives bit-identical numbers for the same
-files (``--check``). Reductions split over threads round differently for other thread counts,
-so both run with OMP_NUM_THREADS=2. Rewrite the record only when a shipped model file itself is
+tests/test_shipped_models.py checks that later code gives the same numbers for the same files
+(``--check``). Reductions split over threads round differently for other thread counts, so both
+run with OMP_NUM_THREADS=2; on the recording machine the numbers are bit-identical, but other
+CPUs pick other BLAS kernels (AVX2 vs AVX-512), which move float32 results by ~1e-7 and the
+ensemble's variances (differences of nearly equal members) by up to ~5e-5 relative, so the
+check allows 2e-4 relative (and 1e-5 of the largest entry, for entries near zero). Rewrite the record only when a shipped model file itself is
 replaced:
     OMP_NUM_THREADS=2 python tests/make_shipped_reference.py
 """
@@ -17,6 +20,7 @@ from ase_race import RACECalculator
 
 OUT = Path(__file__).parent / "data" / "shipped_predictions.npz"
 MODELS = ("ethanol-mve", "ethanol-llla", "ethanol-ensemble")
+RTOL = 2e-4  # see the module docstring
 
 
 def structures():
@@ -49,7 +53,10 @@ def check() -> list[str]:
     recorded = np.load(OUT)
     now = record()
     keys = set(now) | set(recorded.files)
-    return sorted(k for k in keys if k not in now or k not in recorded.files or not np.array_equal(now[k], recorded[k]))
+    def same(a, b):
+        return a.shape == b.shape and np.allclose(a, b, rtol=RTOL, atol=1e-5 * float(np.abs(b).max(initial=0.0)))
+
+    return sorted(k for k in keys if k not in now or k not in recorded.files or not same(now[k], recorded[k]))
 
 
 if __name__ == "__main__":

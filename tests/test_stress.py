@@ -133,3 +133,33 @@ def test_stress_test_command_writes_table_json_and_figure(tmp_path, capsys):
     assert {"bond_stretch", "bond_compress", "atom_pair", "normal_mode", "hot_md", "md"} <= set(report["kinds"])
     assert (out / "stress_test.png").stat().st_size > 0 and "off_distribution" in capsys.readouterr().out
     assert all(math.isfinite(v["energy_mae"]) for v in report["kinds"].values())
+
+
+def test_splits_differ_in_every_setting_and_small_molecules_are_made_of_the_elements():
+    from ase_race.stress import SPLITS, build_probes, small_molecules
+
+    test, calibration = SPLITS["test"], SPLITS["calibration"]
+    assert not set(test["molecules"]) & set(calibration["molecules"])
+    assert not set(test["pair_distances"]) & set(calibration["pair_distances"])
+    assert not set(test["mode_amplitudes"]) & set(calibration["mode_amplitudes"])
+    water = small_molecules(["H2O"])[0]
+    assert (water.kind, water.scan, water.atoms.get_chemical_formula()) == ("small_molecule", "H2O", "H2O")
+    # around water (H, O only) the carbon molecules of the split are left out
+    probes = build_probes(molecule("H2O"), EMT(), n_md=2, n_soft_modes=1, n_stiff_modes=1, with_md=False,
+                          split="calibration")
+    names = {p.scan for p in probes if p.kind == "small_molecule"}
+    assert names == {"H2", "H2O2", "OH"}
+
+
+def test_labelled_files_read_back_as_the_probes_they_label(tmp_path):
+    from ase_race.stress import read_labelled
+
+    probes = atom_pairs({1, 8}, distances=(1.0, 2.5))
+    first = label(probes, lambda atoms: EMT(), tmp_path / "labels.extxyz")
+    back = read_labelled(tmp_path / "labels.extxyz")
+    assert [(s.probe.kind, s.probe.scan, s.probe.coordinate) for s in back] == \
+        [(s.probe.kind, s.probe.scan, s.probe.coordinate) for s in first]
+    for a, b in zip(back, first):
+        assert a.energy_ref == pytest.approx(b.energy_ref, abs=1e-10)
+        np.testing.assert_allclose(a.forces_ref, b.forces_ref, atol=1e-10)
+        np.testing.assert_allclose(a.probe.atoms.positions, b.probe.atoms.positions, atol=1e-10)

@@ -111,21 +111,52 @@ class RACE(nn.Module):
         edge_sh = self.spherical_harmonics(vectors)
         edge_rbf = self.radial(lengths)
 
+        scalars, vectors_out, last = self._propagate(onehot, edge_sh, edge_rbf, graph[K.EDGE_INDEX], edge_chunk,
+                                                    last_layer_features)
+        if last_layer_features:
+            return scalars, vectors_out, last
+        return scalars, vectors_out
+
+    def _propagate(self, onehot, edge_sh, edge_rbf, edge_index, edge_chunk, last_layer_features):
+        """The layers and readouts from one-hot species and edge embeddings (see :meth:`node_outputs`)."""
         features = self.embedding(onehot)
         restrat = self.restrat(features)
-        out = positions.new_zeros(positions.shape[0], self.readouts[0].irreps_out.dim)
+        out = onehot.new_zeros(onehot.shape[0], self.readouts[0].irreps_out.dim)
         last = []
         for layer, readout in zip(self.layers, self.readouts):
-            features = layer(features, onehot, restrat, edge_sh, edge_rbf, graph[K.EDGE_INDEX], edge_chunk)
+            features = layer(features, onehot, restrat, edge_sh, edge_rbf, edge_index, edge_chunk)
             hidden = readout.hidden(features)
             out = out + readout.second(hidden)
             if last_layer_features:
                 last.append(hidden[:, : readout.n_hidden] * readout.energy_weight_norm)
         scalars = out[:, : self.n_scalars]
         vectors_out = out[:, self.n_scalars :].reshape(out.shape[0], self.n_vectors, 3)
-        if last_layer_features:
-            return scalars, vectors_out, torch.cat(last, dim=1)
-        return scalars, vectors_out
+        return scalars, vectors_out, (torch.cat(last, dim=1) if last_layer_features else None)
+
+    def isolated_outputs(self, like: torch.Tensor, last_layer_features: bool = False):
+        """Head outputs of each species' atom without neighbours: (n_species, n_scalars), and with
+        ``last_layer_features`` its features (n_species, T·readout_hidden) too."""
+        n = len(self.config.species)
+        onehot = torch.eye(n, dtype=like.dtype, device=like.device)
+        edge_sh = like.new_zeros(0, self.irreps_sh.dim)
+        edge_rbf = like.new_zeros(0, self.config.num_bessel)
+        edge_index = torch.zeros(2, 0, dtype=torch.long, device=like.device)
+        scalars, _, last = self._propagate(onehot, edge_sh, edge_rbf, edge_index, None, last_layer_features)
+        return (scalars, last) if last_layer_features else scalars
+
+    def coordination(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """n_i = Σ_j u(r_ij) (n_atoms,): neighbours counted with the radial envelope u (1 at
+        r = 0, smoothly 0 at r_c), the argument of ``isolated_limit``."""
+        return self.neighbour_sum(graph, positions, cell, positions.new_ones(positions.shape[0]))
+
+    def neighbour_sum(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor,
+                      values: torch.Tensor) -> torch.Tensor:
+        """Σ_j u(r_ij) v_j (n_atoms,) over the neighbours j of each atom i, for values v (n_atoms,)."""
+        centre, neighbour = graph[K.EDGE_INDEX]
+        shift_vectors = torch.einsum("ec,ecd->ed", graph[K.EDGE_SHIFTS], cell[graph[K.BATCH][centre]])
+        lengths = torch.linalg.norm(positions[neighbour] - positions[centre] + shift_vectors, dim=-1)
+        weights = self.radial.envelope(lengths).to(values.dtype)
+        return values.new_zeros(positions.shape[0]).index_add(0, centre, weights * values[neighbour])
 
     def last_layer_weights(self) -> torch.Tensor:
         """w (T·readout_hidden,): the readouts' weights from hidden scalars onto e_i.
@@ -201,16 +232,32 @@ class RACE(nn.Module):
         scalars, vectors, features = self.node_outputs(
             graph, positions, cell, edge_chunk, last_layer_features=True
         ) if last_layer_features else (*self.node_outputs(graph, positions, cell, edge_chunk), None)
+        if cfg.isolated_limit is not None:
+            # e_i − (1 − c_i)·e_iso(Z_i): an atom without neighbours contributes exactly nothing
+            # beyond its E0 (and shift, removed below), atoms with n_i ≥ n_on are unchanged.
+            gate = heads.smootherstep(self.coordination(graph, positions, cell) / cfg.isolated_limit)
+            iso = self.isolated_outputs(positions, last_layer_features)
+            iso_scalars, iso_features = iso if last_layer_features else (iso, None)
+            off = 1.0 - gate
+            species = graph[K.SPECIES]
+            scalars = torch.cat([(scalars[:, 0] - off * iso_scalars[species, 0])[:, None], scalars[:, 1:]], dim=1)
+            if last_layer_features:
+                features = features - off[:, None] * iso_features[species]
+        else:
+            gate = None
         # E0s are large (≈ −1000 eV per heavy atom): add them in float64 so that a float32 model
         # does not round total energies to ~10 meV.
         e0s = torch.tensor(cfg.e0s, dtype=torch.float64, device=scalars.device)
-        node_energy = (cfg.scale * scalars[:, 0] + cfg.shift).double() + e0s[graph[K.SPECIES]]
+        shift = cfg.shift if gate is None else cfg.shift * gate
+        node_energy = (cfg.scale * scalars[:, 0] + shift).double() + e0s[graph[K.SPECIES]]
         energy = node_energy.new_zeros(n_graphs).index_add(0, batch, node_energy)
         node_log_var = scalars[:, 1] + 2.0 * math.log(cfg.scale)
+        if cfg.max_log_var is not None:
+            node_log_var = heads.soft_cap(node_log_var, cfg.max_log_var)
         if cfg.force_cov == "equivariant":
-            forces_cov = heads.covariance_equivariant(scalars[:, 2], vectors, cfg.scale, cfg.cov_eps)
+            forces_cov = heads.covariance_equivariant(scalars[:, 2], vectors, cfg.scale, cfg.cov_eps, cfg.max_log_var)
         else:
-            forces_cov = heads.covariance_cholesky(scalars[:, 2:8], cfg.scale, cfg.cov_eps)
+            forces_cov = heads.covariance_cholesky(scalars[:, 2:8], cfg.scale, cfg.cov_eps, cfg.max_log_var)
         out = {
             K.NODE_ENERGY: node_energy,
             K.ENERGY: energy,

@@ -5,6 +5,7 @@ from .ensemble import EnsemblePosterior
 from .last_layer import LastLayerLaplacePosterior
 from .mixture import mix_scalar, mix_vector, mixture_prediction
 from .mve import MVEPosterior
+from .novelty import NoveltyPosterior
 from .sampled import DiagLaplacePosterior, IVONPosterior, SampledPosterior, SWAGPosterior
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "SWAGPosterior",
     "SampledPosterior",
     "MVEPosterior",
+    "NoveltyPosterior",
     "Posterior",
     "Prediction",
     "mix_scalar",

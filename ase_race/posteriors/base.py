@@ -166,7 +166,7 @@ def rebuilt_in(model, dtype: torch.dtype | None, device=None):
     return model.to(device=device).eval()
 
 
-BUILT_IN = ("mve", "ensemble", "sampled", "last_layer")
+BUILT_IN = ("mve", "ensemble", "sampled", "last_layer", "novelty")
 
 
 def posterior_class(kind: str) -> type[Posterior]:

@@ -36,7 +36,7 @@ from ase import Atoms
 from .. import _keys as K
 from .._atomic import atomic_write_text
 from ..evaluation import auroc, spearman
-from .structures import KINDS, Probe, atom_pairs, bond_scans, bonds, md_frames, normal_mode_scans, sound
+from .structures import KINDS, Probe, atom_pairs, bond_scans, bonds, md_frames, normal_mode_scans, small_molecules, sound
 
 log = logging.getLogger("ase_race.stress")
 
@@ -58,17 +58,45 @@ class Scored:
     in_range: bool = False
 
 
+#: probe settings of the two disjoint parts of a suite: ``test`` (the stress test's default) and
+#: ``calibration`` (other distances, amplitudes, molecules, temperatures and MD seeds: what a
+#: calibration may be fitted on without seeing a test structure)
+SPLITS = {
+    "test": dict(n_stretch=8, first_stretch=1.1, compress=(0.7, 0.8, 0.9),
+                 pair_distances=(0.9, 1.2, 1.6, 2.2, 3.0, 4.5, 6.0), mode_amplitudes=(-0.45, -0.25, 0.25, 0.45, 0.7),
+                 molecules=("H2O", "CH4", "CH3OH", "H2CO", "C2H6", "CO2", "CH3CHO", "HCOOH", "CH3")),
+    "calibration": dict(n_stretch=6, first_stretch=1.2, compress=(0.75, 0.85),
+                        pair_distances=(1.0, 1.4, 1.9, 2.6, 3.6, 5.2), mode_amplitudes=(-0.35, 0.35, 0.6),
+                        molecules=("H2", "CO", "C2H4", "C2H2", "CH3OCH3", "H2O2", "OH")),
+}
+
+
 def build_probes(molecule: Atoms, calc, *, max_distance: float = 6.0, n_md: int = 20, md_temperature: float = 300.0,
                  hot_temperature: float = 1200.0, n_soft_modes: int = 3, n_stiff_modes: int = 2, seed: int = 0,
-                 with_md: bool = True) -> list[Probe]:
-    """Every kind of probe around ``molecule``; MD and normal modes are driven by ``calc``."""
-    probes = bond_scans(molecule, max_distance=max_distance)
-    probes += atom_pairs(set(molecule.numbers))
-    probes += normal_mode_scans(molecule, calc, n_soft_modes, n_stiff_modes)
+                 with_md: bool = True, split: str = "test", molecules: Sequence[str] | None = None) -> list[Probe]:
+    """Every kind of probe around ``molecule``; MD and normal modes are driven by ``calc``.
+
+    ``split`` picks the settings of :data:`SPLITS`; ``molecules`` replaces its small molecules
+    (by default those made only of ``molecule``'s elements are kept).
+    """
+    opts = SPLITS[split]
+    elements = set(molecule.get_chemical_symbols())
+    names = opts["molecules"] if molecules is None else molecules
+    probes = bond_scans(molecule, max_distance=max_distance, n_stretch=opts["n_stretch"],
+                        compress=opts["compress"], first_stretch=opts["first_stretch"])
+    probes += atom_pairs(set(molecule.numbers), opts["pair_distances"])
+    probes += small_molecules([n for n in names if molecules is not None or _made_of(n, elements)])
+    probes += normal_mode_scans(molecule, calc, n_soft_modes, n_stiff_modes, opts["mode_amplitudes"])
     probes += md_frames(molecule, calc, hot_temperature, n_md, seed=seed + 1, kind="hot_md")
     if with_md:
         probes += md_frames(molecule, calc, md_temperature, n_md, seed=seed, kind="md")
     return [p for p in probes if sound(p)]
+
+
+def _made_of(name: str, elements: set[str]) -> bool:
+    from ase.build import molecule
+
+    return set(molecule(name).get_chemical_symbols()) <= elements
 
 
 def _key(probe: Probe) -> str:
@@ -221,8 +249,6 @@ def stress_test(calc, molecule: Atoms, reference: Reference, *, in_distribution:
     Returns:
         (report, scored probes).
     """
-    from ..data.readers import frame_from_atoms
-
     driver = driver or calc
     if relax_fmax is not None:
         from ase.optimize import BFGS
@@ -232,15 +258,41 @@ def stress_test(calc, molecule: Atoms, reference: Reference, *, in_distribution:
         BFGS(molecule, logfile=None).run(fmax=relax_fmax, steps=500)
         molecule.calc = None
     probes = build_probes(molecule, driver, with_md=in_distribution is None, **probe_options)
-    scored = label(probes, reference, cache)
-    if in_distribution is not None:
-        for k, atoms in enumerate(in_distribution):
-            frame = frame_from_atoms(atoms, source=f"in-distribution frame {k}")
-            scored.append(Scored(Probe(frame.atoms, "md", "in-distribution frames", float(k)), frame.energy, frame.forces))
+    return score_model(calc, label(probes, reference, cache), in_distribution, molecule)
+
+
+def score_model(calc, scored: Sequence[Scored], in_distribution: Sequence[Atoms] | None,
+                molecule: Atoms) -> tuple[dict, list[Scored]]:
+    """Predict labelled probes (in place) with ``calc`` and score them (:func:`score`).
+
+    ``in_distribution``: labelled frames added as the ``md`` negatives (else the ``md`` probes
+    among ``scored`` are); ``molecule`` names the bonds of the in-range rule.
+    Returns (report, the scored probes with the negatives).
+    """
+    from ..data.readers import frame_from_atoms
+
+    scored = [s for s in scored if in_distribution is None or s.probe.kind != "md"]
+    for k, atoms in enumerate(in_distribution or ()):
+        frame = frame_from_atoms(atoms, source=f"in-distribution frame {k}")
+        scored.append(Scored(Probe(frame.atoms, "md", "in-distribution frames", float(k)), frame.energy, frame.forces))
     predict(scored, calc)
     negatives = [s for s in scored if s.probe.kind == "md"]
     mark_in_range(scored, molecule, [s.probe.atoms for s in negatives])
     return score(scored, negatives), scored
+
+
+def read_labelled(path: str | Path) -> list[Scored]:
+    """The labelled probes of a label file written by :func:`label` (kind, scan and coordinate
+    from each structure's ``stress_key``), not yet predicted."""
+    from ase.io import read
+
+    out = []
+    for atoms in read(path, ":"):
+        kind, scan, coordinate = atoms.info["stress_key"].split("|")
+        energy, forces = float(atoms.info["REF_energy"]), np.array(atoms.arrays["REF_forces"])
+        probe_atoms = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        out.append(Scored(Probe(probe_atoms, kind, scan, float(coordinate)), energy, forces))
+    return out
 
 
 COLUMNS = (("n", "n", "{:d}"), ("n_out_of_range", "out", "{:d}"), ("energy_mae", "E MAE/eV", "{:.4f}"),

@@ -9,6 +9,7 @@ amplitude in Å, or the frame index of an MD run). Kinds:
   equilibrium length out to ``max_distance`` (to dissociation) or in to 0.7 r₀;
 * ``atom_pair``: two atoms of every pair of the molecule's elements, alone, at a range of
   distances (the far ones are separated atoms);
+* ``small_molecule``: other molecules of the same elements (``ase.build.molecule`` names);
 * ``normal_mode``: displacements along the molecule's softest and stiffest normal modes (of
   the calculator that is given: the model's own Hessian by finite differences);
 * ``md`` and ``hot_md``: Langevin frames at a normal and at a high temperature, driven by the
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from ase import Atoms
 from ase.data import covalent_radii
 
-KINDS = ("bond_stretch", "bond_compress", "atom_pair", "normal_mode", "hot_md", "md")
+KINDS = ("bond_stretch", "bond_compress", "atom_pair", "small_molecule", "normal_mode", "hot_md", "md")
 
 
 @dataclass
@@ -52,14 +54,14 @@ def bonds(atoms: Atoms, factor: float = 1.2) -> list[tuple[int, int]]:
 
 
 def bond_scans(atoms: Atoms, max_distance: float = 6.0, n_stretch: int = 8,
-               compress: tuple[float, ...] = (0.7, 0.8, 0.9)) -> list[Probe]:
+               compress: tuple[float, ...] = (0.7, 0.8, 0.9), first_stretch: float = 1.1) -> list[Probe]:
     """Pull one bond of every bonded element pair to ``max_distance`` Å and compress it.
 
     The bond is cut and the smaller of the two fragments it leaves (the hydrogen of a C–H
     bond, the CH₃ of ethanol's C–C bond) is moved rigidly along the bond axis, so that a pull
     is a dissociation into the two fragments; in a ring, only the bond's terminal atom moves.
-    Stretched lengths are evenly spaced from 1.1 r₀ to ``max_distance``; compressed ones are
-    ``compress`` × r₀.
+    Stretched lengths are evenly spaced from ``first_stretch`` × r₀ to ``max_distance``;
+    compressed ones are ``compress`` × r₀.
     """
     pairs = bonds(atoms)
     seen, probes = set(), []
@@ -79,7 +81,7 @@ def bond_scans(atoms: Atoms, max_distance: float = 6.0, n_stretch: int = 8,
         r0 = float(np.linalg.norm(axis))
         axis /= r0
         lengths = [("bond_compress", f * r0) for f in compress]
-        lengths += [("bond_stretch", r) for r in np.linspace(1.1 * r0, max(max_distance, 1.2 * r0), n_stretch)]
+        lengths += [("bond_stretch", r) for r in np.linspace(first_stretch * r0, max(max_distance, 1.2 * r0), n_stretch)]
         for kind, r in lengths:
             probe = atoms.copy()
             probe.positions[fragment] += (r - r0) * axis
@@ -110,6 +112,14 @@ def atom_pairs(elements, distances: tuple[float, ...] = (0.9, 1.2, 1.6, 2.2, 3.0
         for r in distances:
             probes.append(Probe(Atoms(a + b, positions=[[0, 0, 0], [0, 0, r]]), "atom_pair", f"{a}–{b} pair", float(r)))
     return probes
+
+
+def small_molecules(names: Sequence[str]) -> list[Probe]:
+    """The molecules ``names`` (``ase.build.molecule`` names, e.g. "H2O", "CH3OH") at their
+    tabulated geometries, one probe each."""
+    from ase.build import molecule
+
+    return [Probe(molecule(name), "small_molecule", name, 0.0) for name in names]
 
 
 def hessian(atoms: Atoms, calc, delta: float = 0.005) -> np.ndarray:

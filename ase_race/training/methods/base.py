@@ -109,7 +109,7 @@ class Method(ABC):
 
 def registered_methods() -> dict[str, type[Method]]:
     """kind → Method class, for every method the package defines."""
-    from . import mve, ensemble, swag, ivon, laplace  # noqa: F401, I001  importing registers them, in this order
+    from . import mve, ensemble, swag, ivon, laplace, novelty  # noqa: F401, I001  importing registers them, in this order
 
     return dict(Method._registry)
 
