@@ -1,7 +1,7 @@
 """The ethanol off-distribution suite: build and label it (PySCF, the rMD17 level), then score models.
 
     python benchmarks/ood_suite.py label [--part test|calibration|both]
-    python benchmarks/ood_suite.py score MODEL [MODEL ...] [--part test] [--json out.json]
+    python benchmarks/ood_suite.py score MODEL [MODEL ...] [--part test] [--json out.json] [--out DIR]
 
 Two disjoint parts, both driven by ``ethanol-mve`` (so that every model meets the same
 structures and one set of labels serves them all):
@@ -14,7 +14,7 @@ structures and one set of labels serves them all):
 
 The labelled structures are written to ``tests/data/ood_ethanol/{test,calibration}.extxyz``
 (each labelled probe is stored as soon as it is computed: a killed run resumes). ``score``
-reads them and the in-distribution negatives: 200 rMD17 ``test_01`` frames for the test part,
+reads them and the in-distribution negatives: the 1000 rMD17 ``test_01`` frames for the test part,
 the 50 validation frames of the shipped recipe's split for the calibration part.
 """
 
@@ -69,7 +69,7 @@ def negatives(part: str):
     from ase_race.data.rmd17 import read_rmd17_atoms
 
     if part == "test":
-        return read_rmd17_atoms(DATA / "rmd17_ethanol_test_01.npz", slice(0, 1000, 5))
+        return read_rmd17_atoms(DATA / "rmd17_ethanol_test_01.npz")
     from ase_race.training import TrainConfig, prepare
 
     config = TrainConfig.from_yaml(ROOT / "recipes" / "rmd17_ethanol.yaml")
@@ -96,6 +96,8 @@ def main() -> None:
     sc.add_argument("models", nargs="+")
     sc.add_argument("--part", choices=("test", "calibration"), default="test")
     sc.add_argument("--json")
+    sc.add_argument("--out", help="also write each model's report and figure (ase_race.stress.write_report) "
+                                   "to OUT/<model name>/")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.command == "label":
@@ -103,14 +105,18 @@ def main() -> None:
             label_part(part)
         return
     from ase_race.calculator import RACECalculator
-    from ase_race.stress import format_report, read_labelled, score_model
+    from ase_race.stress import format_report, read_labelled, score_model, write_report
 
     suite = read_labelled(SUITE / f"{args.part}.extxyz")
     frames = negatives(args.part)
+    # the molecule whose atom order the probes have: its bonds decide what is in range
+    mol = base_molecule(args.part, None) if args.part == "calibration" else molecule("CH3CH2OH")
     reports = {}
     for name in args.models:
-        report, _ = score_model(RACECalculator(name), suite, frames, molecule("CH3CH2OH"))
+        report, scored = score_model(RACECalculator(name), suite, frames, mol)
         reports[name] = report
+        if args.out:
+            write_report(report, scored, Path(args.out) / Path(name).stem)
         print(f"## {name} ({args.part} part: {len(suite)} probes, {len(frames)} in-distribution frames)")
         print(format_report(report))
     if args.json:

@@ -1,9 +1,10 @@
 """Cost per calculator call of model files on rMD17 ethanol, measured in one run.
 
-    python benchmarks/shipped_cost.py [MODEL ...]   (default: the shipped ethanol models)
+    python benchmarks/shipped_cost.py [--molecules K] [MODEL ...]   (default: the shipped ethanol models)
 
 Calls alternate round-robin between the models (same machine load for all); each call is a
-full RACECalculator evaluation (energy, forces, every variance) of a rattled ethanol molecule.
+full RACECalculator evaluation (energy, forces, every variance) of K rattled ethanol molecules
+(K = 1: 9 atoms; K = 3: 27 atoms, 4 Å apart, so that they are each other's neighbours).
 Prints the median milliseconds per call and the ratio to the first model.
 """
 
@@ -19,9 +20,17 @@ from ase_race import RACECalculator
 
 
 def main() -> None:
-    models = sys.argv[1:] or ["ethanol-mve", "ethanol-llla", "ethanol-ensemble"]
+    args = sys.argv[1:]
+    copies = 1
+    if args[:1] == ["--molecules"]:
+        copies, args = int(args[1]), args[2:]
+    models = args or ["ethanol-mve", "ethanol-novelty", "ethanol-llla", "ethanol-ensemble"]
     calcs = {m: RACECalculator(m) for m in models}
     atoms = molecule("CH3CH2OH")
+    for k in range(1, copies):
+        other = molecule("CH3CH2OH")
+        other.translate([0.0, 0.0, 4.0 * k])
+        atoms += other
     atoms.rattle(0.02, seed=0)
     times = {m: [] for m in models}
     for _ in range(30):

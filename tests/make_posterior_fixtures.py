@@ -22,8 +22,8 @@ from ase_race import RACECalculator, save_model
 from ase_race.config import ModelConfig
 from ase_race.nn import build_model
 from ase_race.posteriors import (
-    DiagLaplacePosterior, EnsemblePosterior, IVONPosterior, LastLayerLaplacePosterior, MVEPosterior, SWAGPosterior,
-    posterior_class,
+    DiagLaplacePosterior, EnsemblePosterior, IVONPosterior, LastLayerLaplacePosterior, MVEPosterior, NoveltyPosterior,
+    SWAGPosterior, posterior_class,
 )
 from ase_race.posteriors.stacked import flat_parameters
 
@@ -59,6 +59,16 @@ def build(kind: str):
         p = model.last_layer_weights().numel()
         root = torch.randn(p, p, generator=generator, dtype=torch.float64)
         return LastLayerLaplacePosterior(model, 1e-2 * root @ root.T / p, {"prior_precision": 1.0})
+    if kind == "novelty":
+        limited = build_model(CONFIG.replace(isolated_limit=1.0, max_log_var=0.0), seed=0)
+        width = CONFIG.num_layers * CONFIG.readout_hidden
+        mean = torch.randn(3, width, generator=generator, dtype=torch.float64)
+        spread = 0.5 + torch.rand(3, width, generator=generator, dtype=torch.float64)
+        references = [torch.randn(k, width, generator=generator, dtype=torch.float64) for k in (5, 4, 3)]
+        parameters = dict(energy_aleatoric=0.5, energy_scale=0.3, energy_width=2.0, energy_power=3.0, energy_bond=0.2,
+                          forces_aleatoric=0.9, forces_scale=1.0, forces_width=3.0, forces_power=2.0, forces_bond=0.4)
+        return NoveltyPosterior(limited, mean, spread, references, torch.tensor([1.5, 2.0, 1.0], dtype=torch.float64),
+                                torch.tensor([3.0, 4.0, 2.0], dtype=torch.float64), parameters)
     raise SystemExit(f"no fixture recipe for posterior kind {kind!r}: add one to {__file__}")
 
 

@@ -91,3 +91,21 @@ def test_invalid_limits_are_refused():
         ModelConfig.from_preset("tiny", isolated_limit=0.0)
     with pytest.raises(ConfigError, match="max_log_var"):
         ModelConfig.from_preset("tiny", max_log_var=float("inf"))
+
+
+def test_cached_isolated_outputs_equal_fresh_ones_and_follow_new_weights():
+    from ase_race import _keys as K
+    from ase_race.graph import from_atoms
+
+    posterior = _posterior(isolated_limit=1.0)
+    model = posterior.model
+    pair = Atoms("HO", positions=[[0, 0, 0], [0, 0, 3.5]])
+    graph = from_atoms(pair, (1, 6, 8), model.config.r_max, dtype=torch.float64)
+
+    def energy(cache):
+        return model.outputs(graph, graph[K.POSITIONS], None, cache_isolated=cache)[K.ENERGY]
+
+    assert torch.equal(energy(True), energy(False))
+    other = random_model(model.config, seed=12)
+    model.load_state_dict(other.state_dict())  # in place: the cache must notice
+    assert torch.equal(energy(True), energy(False))

@@ -312,6 +312,7 @@ METHODS = {
     "ivon": dict(method="ivon"),
     "laplace": dict(method="laplace"),
     "last_layer_laplace": dict(method="laplace", laplace={"subset": "last_layer"}),
+    "novelty": dict(method="novelty"),
 }
 
 

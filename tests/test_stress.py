@@ -163,3 +163,12 @@ def test_labelled_files_read_back_as_the_probes_they_label(tmp_path):
         assert a.energy_ref == pytest.approx(b.energy_ref, abs=1e-10)
         np.testing.assert_allclose(a.forces_ref, b.forces_ref, atol=1e-10)
         np.testing.assert_allclose(a.probe.atoms.positions, b.probe.atoms.positions, atol=1e-10)
+
+
+def test_in_range_compares_bonds_by_elements_whatever_the_frames_atom_order():
+    oh = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    frames = [Atoms("HO", positions=[[0, 0, 0], [0, 0, d]]) for d in (0.92, 1.02)]  # the other order
+    inside, outside = _scored("bond_stretch", 0, 1, 1, oh.copy()), _scored("bond_stretch", 0, 1, 1, oh.copy())
+    outside.probe.atoms.positions[1, 2] = 1.2
+    mark_in_range([inside, outside], oh, frames)
+    assert (inside.in_range, outside.in_range) == (True, False)

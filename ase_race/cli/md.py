@@ -13,7 +13,7 @@ import io
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "ethanol-ensemble"
+DEFAULT_MODEL = "ethanol-novelty"
 
 
 def _pyscf():

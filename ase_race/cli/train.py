@@ -16,18 +16,18 @@ def add_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML training config (optional if overrides give train_file)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_epochs=50 model.num_layers=3")
     # No argparse choices: the training config checks the name against the registered methods.
-    p.add_argument("--method", help="posterior method: mve (default), ensemble, swag, ivon, laplace (docs/posteriors/)")
+    p.add_argument("--method", help="posterior method: mve (default), ensemble, swag, ivon, laplace, novelty (docs/posteriors/)")
     p.add_argument("--members", type=int, help="deep-ensemble size M (default 10)")
     p.add_argument("--test-samples", type=int, help="weight samples at prediction time (SWAG 30, IVON/Laplace 16)")
     p.add_argument("--laplace-subset", help="Laplace over all weights (all) or the last layer (last_layer)")
-    p.add_argument("--base-model", help="model file to fit a Laplace posterior around (skips training)")
+    p.add_argument("--base-model", help="model file to fit a Laplace or novelty posterior around (skips training)")
     p.set_defaults(run=run)
 
 
 #: flag → TrainConfig key; every method option is also a key=value override (docs/training.md).
 #: ``{method}`` is the method the config runs (the samples are that method's option).
 FLAGS = {"method": "method", "members": "ensemble.members", "test_samples": "{method}.test_samples",
-         "laplace_subset": "laplace.subset", "base_model": "laplace.base_model"}
+         "laplace_subset": "laplace.subset", "base_model": "{method}.base_model"}
 
 
 def run(args) -> int:

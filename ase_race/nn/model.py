@@ -144,6 +144,18 @@ class RACE(nn.Module):
         scalars, _, last = self._propagate(onehot, edge_sh, edge_rbf, edge_index, None, last_layer_features)
         return (scalars, last) if last_layer_features else scalars
 
+    def _cached_isolated(self, like: torch.Tensor, last_layer_features: bool):
+        """:meth:`isolated_outputs` (detached), recomputed only when a weight has changed:
+        in-place updates (optimiser steps, ``load_state_dict``) bump the tensors' versions."""
+        key = (like.dtype, like.device, last_layer_features,
+               tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        cached = getattr(self, "_isolated_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.isolated_outputs(like, last_layer_features))
+            self._isolated_cache = cached
+        return cached[1]
+
     def coordination(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """n_i = Σ_j u(r_ij) (n_atoms,): neighbours counted with the radial envelope u (1 at
         r = 0, smoothly 0 at r_c), the argument of ``isolated_limit``."""
@@ -203,6 +215,7 @@ class RACE(nn.Module):
         strain: torch.Tensor | None = None,
         edge_chunk: int | None = None,
         last_layer_features: bool = False,
+        cache_isolated: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Every output that is not a derivative, at the given positions and strain.
 
@@ -217,6 +230,9 @@ class RACE(nn.Module):
             last_layer_features: also return ``features`` (n, T·readout_hidden): every readout's
                 hidden scalars φ, scaled so that e_i = Σ_p w_p φ_ip + (terms without w), where
                 w are the readouts' last-layer weights onto the energy channel.
+            cache_isolated: with ``isolated_limit``, reuse the isolated atoms' outputs while the
+                weights are unchanged (computed without gradients: for predictions, never for
+                training or for derivatives with respect to the weights).
         Returns:
             dict with ``node_energy``, ``energy``, ``node_log_var``, ``energy_var``,
             ``forces_cov`` (see :meth:`forward`).
@@ -236,7 +252,8 @@ class RACE(nn.Module):
             # e_i − (1 − c_i)·e_iso(Z_i): an atom without neighbours contributes exactly nothing
             # beyond its E0 (and shift, removed below), atoms with n_i ≥ n_on are unchanged.
             gate = heads.smootherstep(self.coordination(graph, positions, cell) / cfg.isolated_limit)
-            iso = self.isolated_outputs(positions, last_layer_features)
+            iso = (self._cached_isolated(positions, last_layer_features) if cache_isolated
+                   else self.isolated_outputs(positions, last_layer_features))
             iso_scalars, iso_features = iso if last_layer_features else (iso, None)
             off = 1.0 - gate
             species = graph[K.SPECIES]

@@ -7,28 +7,32 @@ readouts' hidden scalars φ_i ∈ R^P, the features the energy is a linear funct
 
     x_i = (φ_i − μ_Z) / s_Z                       standardised per species Z = Z_i
     δ_i = min_r ‖x_i − x_r^(Z)‖ / q_Z              x_r^(Z): reference environments of species Z
+    m_i = max(0, n_Z − n_i)                        missing coordination, n_i = Σ_j u(r_ij)
     g(δ; A, δ₀, p) = A · tanh((δ/δ₀)^p)            grows as δ^p, saturates at A
 
-    var E_b   = f_E · var_ale E_b + (Σ_{i∈b} g_E(δ_i))²                 eV²  (atoms fully correlated)
-    cov F_j   = f_F · cov_ale F_j + Σ_i w_ji g_F(δ_i)² I₃               (eV/Å)²
-    var σ_b   = (Σ_{i∈b} g_E(δ_i) / V_b)²  per stress component         (eV/Å³)²
+    var E_b   = f_E · var_ale E_b + (Σ_{i∈b} e_i)²,       e_i = g_E(δ_i) + b_E m_i         eV²
+    cov F_j   = f_F · cov_ale F_j + (v_j + Σ_i w_ji v_i) I₃,  v_i = g_F(δ_i)² + (b_F m_i)²   (eV/Å)²
+    var σ_b   = (Σ_{i∈b} e_i / V_b)²  per stress component                                (eV/Å³)²
 
-with w_jj = 1 and w_ji = u(r_ji) the radial envelope for the neighbours i of j (the force on j
-is −Σ_i ∂E_i/∂r_j: an unfamiliar neighbour makes it uncertain too) and 0 otherwise.
+with w_ji = u(r_ji) the radial envelope for the neighbours i of j (the force on j is
+−Σ_i ∂E_i/∂r_j: an unfamiliar neighbour makes it uncertain too). Atoms' energy errors are
+taken as fully correlated (a wrong environment shifts the whole energy one way).
 
 μ_Z, s_Z are the training atoms' feature mean and spread, the references a farthest-point
 subset of the training atoms, q_Z the ``quantile`` of validation atoms' distances (δ ≈ 1 marks
-the edge of the training distribution), and (f, A, δ₀, p) for energies and for forces maximise
-the Gaussian likelihood of calibration data, in- and off-distribution together
-(:mod:`ase_race.training.methods.novelty`). g saturates because errors off-distribution do
-not grow without bound: a wrong molecule is wrong by eV, not by 10³ eV.
+the edge of the training distribution), n_Z the smallest coordination of a training atom of
+species Z, and (f, A, δ₀, p, b) for energies and for forces maximise the Gaussian likelihood of
+calibration data, in- and off-distribution together (:mod:`ase_race.training.methods.novelty`).
+g saturates because errors off-distribution do not grow without bound (a wrong molecule is
+wrong by eV, not by 10³ eV); m_i grows monotonically while a bond is pulled apart, since every
+atom of the bond loses coordination, so the variance keeps rising until the fragments part.
 
 Why it does not collapse where an ensemble does: an atom that leaves every neighbour's cutoff
-has the features of the isolated atom, which no training environment has, so δ_i stays large
-however far it goes (members of an ensemble all agree on an isolated atom). The distance is a
-constant of the structure for the derivatives (it is evaluated without gradients), so the
-forces cost what the single network's cost; the search is one (n_Z × N_Z) distance matrix per
-species.
+has the features of the isolated atom, which no training environment has, and no coordination
+at all, so δ_i and m_i stay large however far it goes (members of an ensemble all agree on an
+isolated atom). Both are constants of the structure for the derivatives (evaluated without
+gradients), so the forces cost what the single network's cost; the search is one (n_Z × N_Z)
+distance matrix per species.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from ..nn import RACE, build_model
 from ..nn.derivatives import derivative_inputs, energy_derivatives
 from .base import Posterior, Prediction, rebuilt_in
 
-PARAMETERS = ("energy_aleatoric", "energy_scale", "energy_width", "energy_power",
-              "forces_aleatoric", "forces_scale", "forces_width", "forces_power")
+PARAMETERS = ("energy_aleatoric", "energy_scale", "energy_width", "energy_power", "energy_bond",
+              "forces_aleatoric", "forces_scale", "forces_width", "forces_power", "forces_bond")
 
 
 class NoveltyPosterior(Posterior):
@@ -57,14 +61,16 @@ class NoveltyPosterior(Posterior):
         mean, spread: μ_Z and s_Z, (S, P) in the order of ``config.species``.
         references: per species, (N_Z, P) standardised reference features x_r^(Z).
         radius: q_Z (S,), the distance that counts as δ = 1.
+        floor: n_Z (S,), the smallest coordination of a training atom of each species.
         parameters: the calibration constants named in ``PARAMETERS``: per quantity the
-            aleatoric factor f, the scale A (eV, or eV/Å for forces), the width δ₀ and the power p.
+            aleatoric factor f, the scale A (eV, or eV/Å for forces), the width δ₀, the power p
+            and b (eV, or eV/Å, per missing neighbour).
     """
 
     kind = "novelty"
 
     def __init__(self, model: RACE, mean: torch.Tensor, spread: torch.Tensor, references: list[torch.Tensor],
-                 radius: torch.Tensor, parameters: dict[str, float]):
+                 radius: torch.Tensor, floor: torch.Tensor, parameters: dict[str, float]):
         n_species, width = len(model.config.species), model.config.num_layers * model.config.readout_hidden
         if mean.shape != (n_species, width) or spread.shape != (n_species, width) or radius.shape != (n_species,):
             raise ValueError(f"novelty statistics must be ({n_species}, {width}) and ({n_species},), got "
@@ -73,12 +79,16 @@ class NoveltyPosterior(Posterior):
             raise ValueError(f"novelty references must be {n_species} non-empty (N, {width}) tensors")
         if not (spread > 0).all() or not (radius > 0).all():
             raise ValueError("novelty spreads and radii must be positive")
+        if floor.shape != (n_species,) or not (floor >= 0).all():
+            raise ValueError(f"novelty coordination floors must be ({n_species},) and non-negative")
         missing = set(PARAMETERS) - set(parameters)
         if missing:
             raise ValueError(f"novelty parameters {sorted(missing)} are missing")
         self.model = model
         self.mean, self.spread, self.radius = mean.double(), spread.double(), radius.double()
         self.references = [r.double() for r in references]
+        self._norms = [(r * r).sum(1) for r in self.references]
+        self.floor = floor.double()
         self.parameters = {k: float(parameters[k]) for k in PARAMETERS}
 
     @property
@@ -101,15 +111,28 @@ class NoveltyPosterior(Posterior):
             if not bool(mask.any()):
                 continue
             x = (features[mask] - self.mean[z].to(device)) / self.spread[z].to(device)
-            d = torch.cdist(x, self.references[z].to(device)).min(dim=1).values
-            delta[mask] = d / self.radius[z].to(device)
+            refs = self.references[z].to(device)
+            # |x − r|² = |x|² − 2 x·r + |r|² as one matrix product (torch.cdist is ~30× slower
+            # for a few atoms against thousands of references on a CPU)
+            d2 = (x * x).sum(1, keepdim=True) - 2.0 * x @ refs.T + self._norms[z].to(device)[None, :]
+            delta[mask] = d2.min(dim=1).values.clamp(min=0.0).sqrt() / self.radius[z].to(device)
         return delta
 
-    def atom_scales(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g_E(δ_i) in eV, g_F(δ_i) in eV/Å), both (n,), from the novelty δ_i."""
+    @torch.no_grad()
+    def deficit(self, graph: AtomicGraph) -> torch.Tensor:
+        """m_i = max(0, n_Z − n_i) (n,): how many (envelope-weighted) neighbours each atom has
+        fewer than any training atom of its species."""
+        n = self.model.coordination(graph, graph[K.POSITIONS], graph[K.CELL]).to(torch.float64)
+        return (self.floor.to(n.device)[graph[K.SPECIES]] - n).clamp(min=0.0)
+
+    def atom_terms(self, delta: torch.Tensor, deficit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(e_i in eV, v_i in (eV/Å)²), both (n,), from the novelty δ_i and the deficit m_i."""
         p = self.parameters
-        return tuple(p[f"{q}_scale"] * torch.tanh((delta / p[f"{q}_width"]) ** p[f"{q}_power"])
-                     for q in ("energy", "forces"))
+
+        def g(q):
+            return p[f"{q}_scale"] * torch.tanh((delta / p[f"{q}_width"]) ** p[f"{q}_power"])
+
+        return g("energy") + p["energy_bond"] * deficit, g("forces") ** 2 + (p["forces_bond"] * deficit) ** 2
 
     def predict(
         self, graph: AtomicGraph, *, compute_stress: bool = False, edge_chunk: int | None = None
@@ -118,12 +141,11 @@ class NoveltyPosterior(Posterior):
         n_graphs = cell.shape[0]
         with torch.enable_grad():
             positions, strain = derivative_inputs(graph[K.POSITIONS], n_graphs, stress=compute_stress)
-            out = self.model.outputs(graph, positions, strain, edge_chunk, last_layer_features=True)
+            out = self.model.outputs(graph, positions, strain, edge_chunk, last_layer_features=True, cache_isolated=True)
             d = energy_derivatives(out[K.ENERGY].sum(), positions, strain, cell)
-        delta = self.novelty(out[K.FEATURES], graph[K.SPECIES])
-        energy_atom, force_atom = self.atom_scales(delta)
+        energy_atom, force_atom_var = self.atom_terms(self.novelty(out[K.FEATURES], graph[K.SPECIES]), self.deficit(graph))
         with torch.no_grad():
-            force_var = force_atom**2 + self.model.neighbour_sum(graph, graph[K.POSITIONS], cell, force_atom**2)
+            force_var = force_atom_var + self.model.neighbour_sum(graph, graph[K.POSITIONS], cell, force_atom_var)
         energy_std = energy_atom.new_zeros(n_graphs).index_add(0, graph[K.BATCH], energy_atom)
         energy = out[K.ENERGY].detach()
         cov = out[K.FORCES_COV].detach()
@@ -157,12 +179,12 @@ class NoveltyPosterior(Posterior):
     def with_networks(self, networks: list[RACE]) -> "NoveltyPosterior":
         """The same statistics around new weights (after fine-tuning, refit them to be exact)."""
         return NoveltyPosterior(self._check_networks(networks)[0], self.mean, self.spread, self.references,
-                                self.radius, self.parameters)
+                                self.radius, self.floor, self.parameters)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "weights": dict(self.model.state_dict()),
-            "mean": self.mean, "spread": self.spread, "radius": self.radius,
+            "mean": self.mean, "spread": self.spread, "radius": self.radius, "floor": self.floor,
             "references": {str(z): r for z, r in zip(self.config.species, self.references)},
             "parameters": dict(self.parameters),
         }
@@ -175,11 +197,13 @@ class NoveltyPosterior(Posterior):
             references = [state["references"][str(z)] for z in config.species]
         except KeyError as error:
             raise ModelFileError(f"the novelty posterior has no reference environments for species {error}") from None
-        return cls(model, state["mean"], state["spread"], references, state["radius"], state["parameters"])
+        return cls(model, state["mean"], state["spread"], references, state["radius"], state["floor"], state["parameters"])
 
     def to(self, device=None, dtype=None) -> "NoveltyPosterior":
         self.model = rebuilt_in(self.model, dtype, device)
         if device is not None:
-            self.mean, self.spread, self.radius = (t.to(device) for t in (self.mean, self.spread, self.radius))
+            self.mean, self.spread, self.radius, self.floor = (
+                t.to(device) for t in (self.mean, self.spread, self.radius, self.floor))
             self.references = [r.to(device) for r in self.references]
+            self._norms = [n.to(device) for n in self._norms]
         return self

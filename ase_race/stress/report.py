@@ -13,9 +13,10 @@ with the model and returns, per kind of probe:
   the kind's *out-of-range* probes from the in-distribution frames (1 = perfectly).
 
 In range or not: a probe with the molecule's atoms is *in range* when every bond of the
-molecule (:func:`~ase_race.stress.structures.bonds`) is as long as somewhere in the
-in-distribution frames (between the shortest and longest length of that bond there);
-atom pairs are never in range. In-range probes count for errors and coverage, not for AUROC.
+molecule (:func:`~ase_race.stress.structures.bonds`) is as long as some bond between the same
+elements in the in-distribution frames (between the shortest and longest such length there;
+by element pair, so that the frames may order their atoms differently from the molecule);
+other compositions (atom pairs, small molecules) are never in range. In-range probes count for errors and coverage, not for AUROC.
 The ``off_distribution`` row pools every out-of-range probe; ``scans`` gives, per bond pulled,
 Spearman ρ of σ_E and of ``max_forces_std`` against the bond length (1 = rising all the way).
 """
@@ -169,15 +170,34 @@ def predict(scored: Sequence[Scored], calc) -> None:
 
 def mark_in_range(scored: Sequence[Scored], molecule: Atoms, reference_frames: Sequence[Atoms]) -> None:
     """Set ``in_range`` for every probe (see the module docstring for the rule)."""
+    def kind(atoms, i, j):
+        return tuple(sorted((int(atoms.numbers[i]), int(atoms.numbers[j]))))
+
+    ranges: dict[tuple[int, int], tuple[float, float]] = {}
+    if reference_frames:
+        first = reference_frames[0]
+        ref_pairs = bonds(first)  # the frames of one data set share their atom order
+        for atoms in reference_frames:
+            if not np.array_equal(atoms.numbers, first.numbers):
+                ref_pairs = bonds(atoms)
+            for i, j in ref_pairs:
+                d, key = atoms.get_distance(i, j), kind(atoms, i, j)
+                lo, hi = ranges.get(key, (math.inf, -math.inf))
+                ranges[key] = (min(lo, d), max(hi, d))
     pairs = bonds(molecule)
-    lengths = np.array([[a.get_distance(i, j) for i, j in pairs] for a in reference_frames]) if reference_frames else None
+    composition = sorted(molecule.numbers)
     for s in scored:
         atoms = s.probe.atoms
-        if lengths is None or len(atoms) != len(molecule) or not np.array_equal(atoms.numbers, molecule.numbers):
+        if not ranges or len(atoms) != len(molecule) or sorted(atoms.numbers) != composition:
             s.in_range = False
             continue
-        d = np.array([atoms.get_distance(i, j) for i, j in pairs])
-        s.in_range = bool(np.all((d >= lengths.min(axis=0)) & (d <= lengths.max(axis=0))))
+        inside = []
+        # in-distribution frames may order their atoms otherwise: their own bonds; probes were
+        # built from the molecule (and may have a bond pulled apart): the molecule's
+        for i, j in (bonds(atoms) if s.probe.kind == "md" else pairs):
+            lo, hi = ranges.get(kind(atoms, i, j), (math.inf, -math.inf))
+            inside.append(lo <= atoms.get_distance(i, j) <= hi)
+        s.in_range = all(inside)
 
 
 def _metrics(rows: Sequence[Scored], negatives: Sequence[Scored]) -> dict:

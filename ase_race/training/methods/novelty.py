@@ -92,18 +92,23 @@ def with_limits(model: RACE, isolated_limit: float | None, max_log_var: float | 
 
 
 @torch.no_grad()
-def atom_features(model: RACE, dataset: GraphDataset, batch_size: int = 16, device="cpu") -> list[torch.Tensor]:
-    """Per species of ``model.config.species``: the features φ (N_Z, P) of every atom, float64."""
+def atom_features(model: RACE, dataset: GraphDataset, batch_size: int = 16, device="cpu"):
+    """Per species of ``model.config.species``: the features φ (N_Z, P) and the coordinations
+    n_i (N_Z,) of every atom of ``dataset``, float64. Returns (features, coordinations)."""
     model = model.to(device).eval()
     chunks: list[list[torch.Tensor]] = [[] for _ in model.config.species]
+    counts: list[list[torch.Tensor]] = [[] for _ in model.config.species]
     for batch in dataset.batches(batch_size, device):
         graph = batch.graph
         out = model.outputs(graph, graph[K.POSITIONS], None, last_layer_features=True)
         features, species = out[K.FEATURES].double().cpu(), graph[K.SPECIES].cpu()
+        n = model.coordination(graph, graph[K.POSITIONS], graph[K.CELL]).double().cpu()
         for z in range(len(chunks)):
             chunks[z].append(features[species == z])
+            counts[z].append(n[species == z])
     width = model.config.num_layers * model.config.readout_hidden
-    return [torch.cat(c) if c else torch.zeros(0, width, dtype=torch.float64) for c in chunks]
+    return ([torch.cat(c) if c else torch.zeros(0, width, dtype=torch.float64) for c in chunks],
+            [torch.cat(c) if c else torch.zeros(0, dtype=torch.float64) for c in counts])
 
 
 def farthest_points(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -155,15 +160,16 @@ def environment_statistics(train_features: list[torch.Tensor], valid_features: l
 class CalibrationTerms:
     """What the scale fit needs per calibration structure, from one pass of the network.
 
-    ``energy_error`` (B,) eV and ``energy_var`` (B,) eV² (aleatoric); ``delta`` (n,) and
-    ``batch`` (n,) the atoms' novelty and structure index; ``force_error`` (n, 3) eV/Å and
-    ``force_cov`` (n, 3, 3) (eV/Å)² (aleatoric); ``edges`` (2, E) the (atom j, neighbour i)
+    ``energy_error`` (B,) eV and ``energy_var`` (B,) eV² (aleatoric); ``delta``, ``deficit``
+    and ``batch`` (n,) the atoms' novelty, missing coordination and structure index;
+    ``force_error`` (n, 3) eV/Å and ``force_cov`` (n, 3, 3) (eV/Å)² (aleatoric); ``edges`` (2, E) the (atom j, neighbour i)
     pairs and ``edge_weight`` (E,) their envelope weights w_ji.
     """
 
     energy_error: torch.Tensor
     energy_var: torch.Tensor
     delta: torch.Tensor
+    deficit: torch.Tensor
     batch: torch.Tensor
     force_error: torch.Tensor
     force_cov: torch.Tensor
@@ -192,6 +198,7 @@ def calibration_terms(posterior: NoveltyPosterior, dataset: GraphDataset, batch_
         parts["energy_error"].append((batch.ref["energy"] - out[K.ENERGY].detach()).double().cpu())
         parts["energy_var"].append(out[K.ENERGY_VAR].detach().double().cpu())
         parts["delta"].append(posterior.novelty(features, graph[K.SPECIES]).cpu())
+        parts["deficit"].append(posterior.deficit(graph).cpu())
         parts["batch"].append(graph[K.BATCH].cpu() + structures)
         parts["force_error"].append((batch.ref["forces"] - out[K.FORCES].detach()).double().cpu())
         parts["force_cov"].append(out[K.FORCES_COV].detach().double().cpu())
@@ -228,9 +235,10 @@ MAX_POWER = 12.0
 
 
 def _unpack(theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """θ = (log f, log A, logit p/p_max, log δ₀) → (f, A, p, δ₀); the power stays in (0, p_max)."""
+    """θ = (log f, log A, logit p/p_max, log δ₀, log b) → (f, A, p, δ₀, b); p stays in (0, p_max)."""
     bounded = theta.clamp(-30.0, 30.0)  # keeps every trial step of the line search finite
-    return bounded[0].exp(), bounded[1].exp(), MAX_POWER * torch.sigmoid(theta[2]), bounded[3].exp()
+    return (bounded[0].exp(), bounded[1].exp(), MAX_POWER * torch.sigmoid(theta[2]), bounded[3].exp(),
+            bounded[4].exp())
 
 
 def _g(delta, scale, power, width):
@@ -238,19 +246,20 @@ def _g(delta, scale, power, width):
 
 
 def energy_nll(terms: CalibrationTerms, theta: torch.Tensor) -> torch.Tensor:
-    """Mean over structures of ½[log 2π v_b + e_b²/v_b], v_b = f v_ale,b + (Σ_{i∈b} g(δ_i))²."""
-    factor, scale, power, width = _unpack(theta)
+    """Mean over structures of ½[log 2π v_b + e_b²/v_b], v_b = f v_ale,b + (Σ_{i∈b} g(δ_i) + b m_i)²."""
+    factor, scale, power, width, bond = _unpack(theta)
     n = terms.energy_error.shape[0]
-    std = terms.delta.new_zeros(n).index_add(0, terms.batch, _g(terms.delta, scale, power, width))
+    atom = _g(terms.delta, scale, power, width) + bond * terms.deficit
+    std = terms.delta.new_zeros(n).index_add(0, terms.batch, atom)
     var = factor * terms.energy_var + std**2
     return 0.5 * (torch.log(2 * math.pi * var) + terms.energy_error**2 / var).mean()
 
 
 def forces_nll(terms: CalibrationTerms, theta: torch.Tensor) -> torch.Tensor:
     """Mean over atoms of the 3-d Gaussian NLL of the force error with
-    C_j = f C_ale,j + (g(δ_j)² + Σ_i w_ji g(δ_i)²) I₃."""
-    factor, scale, power, width = _unpack(theta)
-    own = _g(terms.delta, scale, power, width) ** 2
+    C_j = f C_ale,j + (v_j + Σ_i w_ji v_i) I₃, v_i = g(δ_i)² + (b m_i)²."""
+    factor, scale, power, width, bond = _unpack(theta)
+    own = _g(terms.delta, scale, power, width) ** 2 + (bond * terms.deficit) ** 2
     var = own + own.new_zeros(own.shape[0]).index_add(0, terms.edges[0], terms.edge_weight * own[terms.edges[1]])
     cov = factor * terms.force_cov + (var + 1e-12)[:, None, None] * torch.eye(3, dtype=var.dtype)
     chol = torch.linalg.cholesky(cov)
@@ -259,11 +268,12 @@ def forces_nll(terms: CalibrationTerms, theta: torch.Tensor) -> torch.Tensor:
     return 0.5 * (3 * math.log(2 * math.pi) + logdet + (y**2).sum(-1)).mean()
 
 
-STARTS = ((0.0, -6.0, 0.0, 0.0), (-2.0, -1.0, 0.5, 1.5), (-2.0, 0.0, 1.0, 2.0), (-4.0, -3.0, 0.0, 0.5))
+STARTS = ((0.0, -6.0, 0.0, 0.0, -3.0), (-2.0, -1.0, 0.5, 1.5, -1.0), (-2.0, 0.0, 1.0, 2.0, -5.0),
+          (-4.0, -3.0, 0.0, 0.5, 0.0))
 
 
 def fit_scales(terms: CalibrationTerms) -> dict[str, float]:
-    """(f, A, δ₀, p) of maximum likelihood for energies and for forces, each from a few
+    """(f, A, δ₀, p, b) of maximum likelihood for energies and for forces, each from a few
     starting points (the likelihood is not convex in the power and width), the best kept."""
     best: dict[str, float] = {}
     for name, nll in (("energy", energy_nll), ("forces", forces_nll)):
@@ -279,8 +289,9 @@ def fit_scales(terms: CalibrationTerms) -> dict[str, float]:
                 results.append((value, theta))
         if not results:
             raise DataError(f"novelty: the {name} scale fit did not converge on the calibration data")
-        factor, scale, power, width = (float(v) for v in _unpack(torch.tensor(min(results)[1], dtype=torch.float64)))
-        best.update({f"{name}_aleatoric": factor, f"{name}_scale": scale, f"{name}_width": width, f"{name}_power": power})
+        factor, scale, power, width, bond = (float(v) for v in _unpack(torch.tensor(min(results)[1], dtype=torch.float64)))
+        best.update({f"{name}_aleatoric": factor, f"{name}_scale": scale, f"{name}_width": width,
+                     f"{name}_power": power, f"{name}_bond": bond})
     return best
 
 
@@ -289,17 +300,18 @@ def fit_novelty(model: RACE, train: GraphDataset, valid: GraphDataset, calibrati
     """The novelty posterior around ``model``: statistics from ``train`` and ``valid``, scales
     fitted on ``valid`` plus ``calibration``."""
     model = model.to(device).eval()
+    train_features, train_counts = atom_features(model, train, device=device)
     mean, spread, references, radius = environment_statistics(
-        atom_features(model, train, device=device), atom_features(model, valid, device=device),
-        max_references, quantile, model.config.species,
+        train_features, atom_features(model, valid, device=device)[0], max_references, quantile, model.config.species,
     )
-    posterior = NoveltyPosterior(model, mean, spread, references, radius, dict.fromkeys(PARAMETERS, 1.0))
+    floor = torch.tensor([float(c.min()) for c in train_counts], dtype=torch.float64)
+    posterior = NoveltyPosterior(model, mean, spread, references, radius, floor, dict.fromkeys(PARAMETERS, 1.0))
     terms = calibration_terms(posterior, valid, device=device)
     if calibration is not None and len(calibration):
         terms = joined(terms, calibration_terms(posterior, calibration, device=device))
     posterior.parameters = fit_scales(terms)
-    log.info("novelty: %s references, q=%s, %s", [r.shape[0] for r in references],
-             [round(float(q), 3) for q in radius], posterior.parameters)
+    log.info("novelty: %s references, q=%s, coordination floor %s, %s", [r.shape[0] for r in references],
+             [round(float(q), 3) for q in radius], [round(float(n), 3) for n in floor], posterior.parameters)
     return posterior.to(device="cpu")
 
 
@@ -354,6 +366,7 @@ class Novelty(Method):
         summary["novelty"] = {
             "parameters": posterior.parameters,
             "radius": [float(q) for q in posterior.radius],
+            "coordination_floor": [float(n) for n in posterior.floor],
             "references": [int(r.shape[0]) for r in posterior.references],
             "n_calibration": len(valid) + (len(calibration) if calibration is not None else 0),
         }
