@@ -118,10 +118,10 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.force_cov == "equivariant" and self.n_cov_vectors < 1:
             raise ConfigError("n_cov_vectors must be at least 1 for the equivariant force covariance")
-        if self.isolated_limit is not None and not self.isolated_limit > 0:
-            raise ConfigError(f"isolated_limit must be a positive coordination or None, got {self.isolated_limit}")
-        if self.max_log_var is not None and not math.isfinite(self.max_log_var):
-            raise ConfigError(f"max_log_var must be finite or None, got {self.max_log_var}")
+        if self.isolated_limit is not None and not (self.isolated_limit > 0 and math.isfinite(self.isolated_limit)):
+            raise ConfigError(f"isolated_limit must be a positive, finite coordination or None, got {self.isolated_limit}")
+        if self.max_log_var is not None and not abs(self.max_log_var) <= 50.0:
+            raise ConfigError(f"max_log_var must be a log-variance between -50 and 50 (log eV²) or None, got {self.max_log_var}")
         if self.cov_eps < 0:
             raise ConfigError(f"cov_eps must be non-negative, got {self.cov_eps}")
         self.hidden_multiplicity  # parses and checks hidden_irreps

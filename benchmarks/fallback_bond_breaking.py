@@ -1,6 +1,6 @@
 """The fallback through a bond-breaking event: does it call the reference before the error is large?
 
-    python benchmarks/fallback_bond_breaking.py [--model ethanol-novelty] [--bond O2-H3]
+    python benchmarks/fallback_bond_breaking.py [--model ethanol-novelty] [--bond H–O]
         [--threshold 0.5] [--quantity max_forces_std] [--step 0.05] [--to 3.0] [--labels FILE]
 
 Ethanol, relaxed with the model, has one bond pulled apart in steps of ``--step`` Å, the

@@ -4,7 +4,7 @@
 
 Calls alternate round-robin between the models (same machine load for all); each call is a
 full RACECalculator evaluation (energy, forces, every variance) of K rattled ethanol molecules
-(K = 1: 9 atoms; K = 3: 27 atoms, 4 Å apart, so that they are each other's neighbours).
+(K = 1: 9 atoms; K = 3: 27 atoms, stacked 4 Å apart along z, within each other's cutoff).
 Prints the median milliseconds per call and the ratio to the first model.
 """
 

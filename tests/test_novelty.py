@@ -178,3 +178,29 @@ def test_the_fit_recovers_the_scales_that_generated_the_errors():
         assert fit[f"{q}_width"] == pytest.approx(truth["w"], rel=0.2)
         assert fit[f"{q}_power"] == pytest.approx(truth["p"], rel=0.25)
         assert fit[f"{q}_bond"] == pytest.approx(truth["b"], rel=0.15)
+
+
+def test_invalid_state_is_refused_with_the_file_named(fitted, tmp_path):
+    from ase_race.errors import ModelFileError
+
+    posterior, _ = fitted
+    path = save_model(tmp_path / "good.pt", posterior)
+    data = torch.load(path, weights_only=True)
+    for key, value in (("radius", torch.full((3,), math.inf, dtype=torch.float64)),
+                       ("mean", torch.full_like(posterior.mean, math.nan))):
+        bad = {**data, "posterior": {**data["posterior"], "state": {**data["posterior"]["state"], key: value}}}
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(ModelFileError, match=f"bad.pt.*{key}"):
+            load_model(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="energy_width"):
+        NoveltyPosterior(posterior.model, posterior.mean, posterior.spread, posterior.references, posterior.radius,
+                         posterior.floor, {**PARAMS, "energy_width": 0.0})
+
+
+def test_without_validation_atoms_the_radius_comes_from_the_training_atoms_themselves():
+    from ase_race.training.methods.novelty import environment_statistics
+
+    rng = np.random.default_rng(3)
+    train = [torch.tensor(rng.normal(size=(40, 4)))]
+    _, _, references, radius = environment_statistics(train, [torch.zeros(0, 4, dtype=torch.float64)], 100, 0.95)
+    assert references[0].shape == (40, 4) and 0.3 < float(radius[0]) < 5.0  # not the 1e-6 of all-zero distances

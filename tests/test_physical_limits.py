@@ -89,8 +89,11 @@ def test_the_aleatoric_cap_bounds_every_variance_and_leaves_small_ones_alone():
 def test_invalid_limits_are_refused():
     with pytest.raises(ConfigError, match="isolated_limit"):
         ModelConfig.from_preset("tiny", isolated_limit=0.0)
-    with pytest.raises(ConfigError, match="max_log_var"):
-        ModelConfig.from_preset("tiny", max_log_var=float("inf"))
+    with pytest.raises(ConfigError, match="isolated_limit"):
+        ModelConfig.from_preset("tiny", isolated_limit=float("inf"))
+    for value in (float("inf"), float("nan"), 800.0):
+        with pytest.raises(ConfigError, match="max_log_var"):
+            ModelConfig.from_preset("tiny", max_log_var=value)
 
 
 def test_cached_isolated_outputs_equal_fresh_ones_and_follow_new_weights():
@@ -109,3 +112,25 @@ def test_cached_isolated_outputs_equal_fresh_ones_and_follow_new_weights():
     other = random_model(model.config, seed=12)
     model.load_state_dict(other.state_dict())  # in place: the cache must notice
     assert torch.equal(energy(True), energy(False))
+
+
+def test_the_cache_misses_after_a_write_through_data():
+    from ase_race import _keys as K
+    from ase_race.graph import from_atoms
+
+    model = _posterior(isolated_limit=1.0).model
+    graph = from_atoms(Atoms("HO", positions=[[0, 0, 0], [0, 0, 3.5]]), (1, 6, 8), model.config.r_max, dtype=torch.float64)
+    before = model.outputs(graph, graph[K.POSITIONS], None, cache_isolated=True)[K.ENERGY]
+    for p in model.parameters():
+        p.data.mul_(1.1)  # does not bump the tensors' versions
+    after = model.outputs(graph, graph[K.POSITIONS], None, cache_isolated=True)[K.ENERGY]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, model.outputs(graph, graph[K.POSITIONS], None)[K.ENERGY])
+
+
+def test_stress_is_the_strain_derivative_through_the_isolated_limit():
+    from ase_race.testing import finite_strain_stress
+
+    atoms = Atoms("HCO", positions=[[0.2, 0.1, 0.3], [0.5, 0.4, 3.4], [0.3, 1.4, 6.2]], cell=[4.5, 4.8, 9.0], pbc=True)
+    atoms.calc = RACECalculator(_posterior(isolated_limit=2.0))
+    np.testing.assert_allclose(atoms.get_stress(), finite_strain_stress(atoms, 1e-6), atol=1e-8)

@@ -55,7 +55,7 @@ def test_default_novelty_model_is_the_mve_network_inside_and_rises_without_falli
     mve = along_the_stretch("ethanol-mve", (0.97,))[0]
     # Inside the training data the limits change nothing: the network's energy and forces.
     assert rows[0]["energy"] == pytest.approx(mve["energy"], abs=1e-9)
-    np.testing.assert_allclose(rows[0]["forces"], mve["forces"], atol=1e-6)
+    np.testing.assert_allclose(rows[0]["forces"], mve["forces"], atol=1e-5)
     eq, r13 = rows[0], rows[1]
     assert r13["max_forces_std"] > 5 * eq["max_forces_std"] and r13["energy_std"] > 5 * eq["energy_std"]
     assert r13["energy_var_epistemic"] > 25 * eq["energy_var_epistemic"]
@@ -71,7 +71,7 @@ def test_default_novelty_model_is_the_mve_network_inside_and_rises_without_falli
     del radical[[i for i in range(len(radical)) if radical.numbers[i] == 1
                  and np.linalg.norm(radical.positions[i] - radical.positions[2]) > 5.5]]
     radical.calc = RACECalculator("ethanol-novelty")
-    assert rows[-1]["energy"] == pytest.approx(radical.get_potential_energy() + h_e0, abs=1e-6)
+    assert rows[-1]["energy"] == pytest.approx(radical.get_potential_energy() + h_e0, abs=1e-5)
 
 
 def test_last_layer_laplace_epistemic_part_grows_off_the_training_data():

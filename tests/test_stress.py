@@ -172,3 +172,12 @@ def test_in_range_compares_bonds_by_elements_whatever_the_frames_atom_order():
     outside.probe.atoms.positions[1, 2] = 1.2
     mark_in_range([inside, outside], oh, frames)
     assert (inside.in_range, outside.in_range) == (True, False)
+
+
+def test_an_isomer_or_a_small_molecule_is_never_in_range():
+    ethanol = molecule("CH3CH2OH")
+    ether = _scored("small_molecule", 0, 1, 1, molecule("CH3OCH3"))
+    frames = [ethanol.copy()]
+    same = _scored("small_molecule", 0, 1, 1, ethanol.copy())  # even ethanol itself, as a small molecule
+    mark_in_range([ether, same], ethanol, frames)
+    assert (ether.in_range, same.in_range) == (False, False)

@@ -145,16 +145,22 @@ class RACE(nn.Module):
         return (scalars, last) if last_layer_features else scalars
 
     def _cached_isolated(self, like: torch.Tensor, last_layer_features: bool):
-        """:meth:`isolated_outputs` (detached), recomputed only when a weight has changed:
-        in-place updates (optimiser steps, ``load_state_dict``) bump the tensors' versions."""
-        key = (like.dtype, like.device, last_layer_features,
-               tuple((p.data_ptr(), p._version) for p in self.parameters()))
-        cached = getattr(self, "_isolated_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self.isolated_outputs(like, last_layer_features))
-            self._isolated_cache = cached
-        return cached[1]
+        """:meth:`isolated_outputs` (detached), recomputed only when a weight has changed.
+
+        The key is a flat copy of every weight, compared exactly: any change (an optimiser
+        step, ``load_state_dict``, a write through ``.data``) misses the cache. Copying and
+        comparing 10⁵ numbers costs far less than evaluating the layers on the isolated atoms.
+        """
+        with torch.no_grad():
+            weights = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+            cached = getattr(self, "_isolated_cache", None)
+            if (cached is None or cached[0] != (like.dtype, like.device, last_layer_features)
+                    or cached[1].shape != weights.shape or cached[1].device != weights.device
+                    or not torch.equal(cached[1], weights)):
+                cached = ((like.dtype, like.device, last_layer_features), weights.clone(),
+                          self.isolated_outputs(like, last_layer_features))
+                self._isolated_cache = cached
+        return cached[2]
 
     def coordination(self, graph: AtomicGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """n_i = Σ_j u(r_ij) (n_atoms,): neighbours counted with the radial envelope u (1 at

@@ -28,7 +28,8 @@ wrong by eV, not by 10³ eV); m_i grows monotonically while a bond is pulled apa
 atom of the bond loses coordination, so the variance keeps rising until the fragments part.
 
 Why it does not collapse where an ensemble does: an atom that leaves every neighbour's cutoff
-has the features of the isolated atom, which no training environment has, and no coordination
+has, with ``isolated_limit``, features of zero (the isolated atom's own are subtracted; no
+training atom is near them), or without it the isolated atom's features, and no coordination
 at all, so δ_i and m_i stay large however far it goes (members of an ensemble all agree on an
 isolated atom). Both are constants of the structure for the derivatives (evaluated without
 gradients), so the forces cost what the single network's cost; the search is one (n_Z × N_Z)
@@ -37,6 +38,7 @@ distance matrix per species.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -77,13 +79,22 @@ class NoveltyPosterior(Posterior):
                              f"{tuple(mean.shape)}, {tuple(spread.shape)}, {tuple(radius.shape)}")
         if len(references) != n_species or any(r.ndim != 2 or r.shape[1] != width or r.shape[0] == 0 for r in references):
             raise ValueError(f"novelty references must be {n_species} non-empty (N, {width}) tensors")
-        if not (spread > 0).all() or not (radius > 0).all():
-            raise ValueError("novelty spreads and radii must be positive")
-        if floor.shape != (n_species,) or not (floor >= 0).all():
-            raise ValueError(f"novelty coordination floors must be ({n_species},) and non-negative")
+        if floor.shape != (n_species,):
+            raise ValueError(f"novelty coordination floors must be ({n_species},), got {tuple(floor.shape)}")
+        for name, t in (("mean", mean), ("spread", spread), ("radius", radius), ("floor", floor), *(
+                (f"references of species {z}", r) for z, r in zip(model.config.species, references))):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"novelty {name} has non-finite entries")
+        if not (spread > 0).all() or not (radius > 0).all() or not (floor >= 0).all():
+            raise ValueError("novelty spreads and radii must be positive, coordination floors non-negative")
         missing = set(PARAMETERS) - set(parameters)
         if missing:
             raise ValueError(f"novelty parameters {sorted(missing)} are missing")
+        bad = [k for k in PARAMETERS if not (math.isfinite(float(parameters[k])) and float(parameters[k]) >= 0)]
+        bad += [k for k in PARAMETERS if k.endswith(("_width", "_power")) and not float(parameters[k]) > 0]
+        if bad:
+            raise ValueError(f"novelty parameters {sorted(set(bad))} must be finite and non-negative "
+                             "(widths and powers positive)")
         self.model = model
         self.mean, self.spread, self.radius = mean.double(), spread.double(), radius.double()
         self.references = [r.double() for r in references]
@@ -111,11 +122,15 @@ class NoveltyPosterior(Posterior):
             if not bool(mask.any()):
                 continue
             x = (features[mask] - self.mean[z].to(device)) / self.spread[z].to(device)
-            refs = self.references[z].to(device)
-            # |x − r|² = |x|² − 2 x·r + |r|² as one matrix product (torch.cdist is ~30× slower
-            # for a few atoms against thousands of references on a CPU)
-            d2 = (x * x).sum(1, keepdim=True) - 2.0 * x @ refs.T + self._norms[z].to(device)[None, :]
-            delta[mask] = d2.min(dim=1).values.clamp(min=0.0).sqrt() / self.radius[z].to(device)
+            refs, norms = self.references[z].to(device), self._norms[z].to(device)
+            # |x − r|² = |x|² − 2 x·r + |r|² as matrix products (torch.cdist is ~30× slower for a
+            # few atoms against thousands of references on a CPU), in chunks of atoms so that
+            # memory stays bounded (≈ 2²⁷ distances at a time) on large systems
+            chunk = max(1, (1 << 27) // refs.shape[0])
+            nearest = torch.cat([
+                ((xc * xc).sum(1, keepdim=True) - 2.0 * xc @ refs.T + norms[None, :]).min(dim=1).values
+                for xc in x.split(chunk)])
+            delta[mask] = nearest.clamp(min=0.0).sqrt() / self.radius[z].to(device)
         return delta
 
     @torch.no_grad()
@@ -197,7 +212,11 @@ class NoveltyPosterior(Posterior):
             references = [state["references"][str(z)] for z in config.species]
         except KeyError as error:
             raise ModelFileError(f"the novelty posterior has no reference environments for species {error}") from None
-        return cls(model, state["mean"], state["spread"], references, state["radius"], state["floor"], state["parameters"])
+        try:
+            return cls(model, state["mean"], state["spread"], references, state["radius"], state["floor"],
+                       state["parameters"])
+        except ValueError as error:
+            raise ModelFileError(f"invalid novelty posterior state: {error}") from None
 
     def to(self, device=None, dtype=None) -> "NoveltyPosterior":
         self.model = rebuilt_in(self.model, dtype, device)

@@ -168,6 +168,10 @@ def predict(scored: Sequence[Scored], calc) -> None:
         s.forces = np.array(atoms.get_forces())
 
 
+#: kinds built by moving the molecule's own atoms: the only ones that can be in range
+IN_RANGE_KINDS = ("bond_stretch", "bond_compress", "normal_mode", "hot_md")
+
+
 def mark_in_range(scored: Sequence[Scored], molecule: Atoms, reference_frames: Sequence[Atoms]) -> None:
     """Set ``in_range`` for every probe (see the module docstring for the rule)."""
     def kind(atoms, i, j):
@@ -188,8 +192,9 @@ def mark_in_range(scored: Sequence[Scored], molecule: Atoms, reference_frames: S
     composition = sorted(molecule.numbers)
     for s in scored:
         atoms = s.probe.atoms
-        if not ranges or len(atoms) != len(molecule) or sorted(atoms.numbers) != composition:
-            s.in_range = False
+        built_from_molecule = s.probe.kind in IN_RANGE_KINDS and np.array_equal(atoms.numbers, molecule.numbers)
+        if not ranges or not (built_from_molecule or (s.probe.kind == "md" and sorted(atoms.numbers) == composition)):
+            s.in_range = False  # other compositions, atom pairs, small molecules (even isomers)
             continue
         inside = []
         # in-distribution frames may order their atoms otherwise: their own bonds; probes were

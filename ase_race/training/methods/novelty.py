@@ -125,14 +125,25 @@ def farthest_points(x: torch.Tensor, m: int) -> torch.Tensor:
     return torch.tensor(chosen)
 
 
+def leave_one_out_distances(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Each row's distance to its nearest other row of ``x`` (N, P), in chunks of rows."""
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[start:start + chunk], x)
+        rows = torch.arange(d.shape[0])
+        d[rows, rows + start] = math.inf
+        out.append(d.min(dim=1).values)
+    return torch.cat(out)
+
+
 def environment_statistics(train_features: list[torch.Tensor], valid_features: list[torch.Tensor],
                            max_references: int, quantile: float, species=()):
     """(μ (S, P), s (S, P), references [(N_Z, P)], q (S,)) from per-species feature sets.
 
     s_Z is the per-feature standard deviation with a floor of 10⁻³ of its largest entry (a
     feature that never varies on training data must not make every distance infinite); q_Z is
-    the ``quantile`` of validation atoms' distances to the references (training atoms left out
-    of the subset when a species has no validation atoms).
+    the ``quantile`` of validation atoms' distances to the references (for a species without
+    validation atoms, of each training atom's distance to its nearest other training atom).
     """
     means, spreads, references, radii = [], [], [], []
     for z, (a, v) in enumerate(zip(train_features, valid_features)):
@@ -145,12 +156,9 @@ def environment_statistics(train_features: list[torch.Tensor], valid_features: l
         keep = farthest_points(x, max_references)
         ref = x[keep]
         if v.shape[0] == 0:
-            rest = torch.ones(x.shape[0], dtype=torch.bool)
-            rest[keep] = False
-            v_x = x[rest] if bool(rest.any()) else x
+            d = leave_one_out_distances(x)
         else:
-            v_x = (v - mean) / spread
-        d = torch.cdist(v_x, ref).min(dim=1).values
+            d = torch.cdist((v - mean) / spread, ref).min(dim=1).values
         radius = float(torch.quantile(d, quantile)) if d.numel() else 1.0
         means.append(mean), spreads.append(spread), references.append(ref), radii.append(max(radius, 1e-6))
     return torch.stack(means), torch.stack(spreads), references, torch.tensor(radii, dtype=torch.float64)
