@@ -1,5 +1,5 @@
 """``ase-race demo``: the README's main job — uncertainty-aware MD of ethanol with the shipped
-default model, the 10-member ensemble (Langevin, 500 K, 0.4 ps), writing into ``race_demo/``."""
+default model, ``ethanol-novelty`` (Langevin, 500 K, 0.4 ps), writing into ``race_demo/``."""
 
 from __future__ import annotations
 
