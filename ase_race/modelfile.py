@@ -38,7 +38,10 @@ from .posteriors import Posterior, posterior_class
 
 FORMAT_NAME = "ase-race-model"
 FORMAT_VERSION = 1
-SHIPPED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: where shipped models are looked up by name: inside the installed package (a wheel carries
+#: them as ``ase_race/models``), else the source checkout's ``models/``
+SHIPPED_MODELS_DIRS = (Path(__file__).resolve().parent / "models", Path(__file__).resolve().parent.parent / "models")
+SHIPPED_MODELS_DIR = next((d for d in SHIPPED_MODELS_DIRS if any(d.glob("*.pt"))), SHIPPED_MODELS_DIRS[-1])
 _ZIP_MAGIC = b"PK\x03\x04"
 
 #: version N → function turning a version-N dict into a version-N+1 dict.
@@ -116,7 +119,8 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         if candidate.is_file():
             return candidate
     shipped = sorted(p.stem for p in SHIPPED_MODELS_DIR.glob("*.pt")) if SHIPPED_MODELS_DIR.is_dir() else []
-    raise ModelFileError(f"{model}: no such model file, and not a shipped model (shipped: {shipped})")
+    raise ModelFileError(f"{model}: no such model file, and not a shipped model (shipped: {shipped}, "
+                         f"looked for in {SHIPPED_MODELS_DIR})")
 
 
 def read_model_dict(path: str | os.PathLike) -> dict[str, Any]:
