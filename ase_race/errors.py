@@ -34,3 +34,7 @@ class DataError(RaceError, ValueError):
 
 class TrainingError(RaceError, RuntimeError):
     """Training cannot go on (the weights diverged to NaN or infinity, ...)."""
+
+
+class PredictionError(RaceError, ArithmeticError):
+    """The model produced a non-finite energy, force, stress or variance for a structure."""

@@ -21,6 +21,7 @@ from a newer version is refused with both numbers. Files are written atomically
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -110,6 +111,23 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _check_finite(obj: Any, where: str) -> None:
+    """Raise :class:`ModelFileError` naming the first stored tensor or number that is NaN or
+    infinite (a file with such weights would load and predict NaN)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            raise ModelFileError(f"non-finite values (NaN or inf) in {where}")
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ModelFileError(f"non-finite value {obj} in {where}")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_finite(value, f"{where}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for k, value in enumerate(obj):
+            _check_finite(value, f"{where}[{k}]")
+
+
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A path as given, or the name of a shipped model in ``models/`` (with or without ``.pt``)."""
     path = Path(model)
@@ -179,6 +197,8 @@ def load_model(
         for key, expected in (("species", list(config.species)), ("cutoff", config.r_max), ("dtype", config.dtype)):
             if key in data and data[key] != expected:
                 raise ModelFileError(f"{path}: {key}={data[key]!r} disagrees with its config ({expected!r})")
+        _check_finite(data["config"], "config")
+        _check_finite(data["posterior"]["state"], "posterior state")
         cls = posterior_class(data["posterior"]["kind"])
         # files written before posterior states were versioned hold layout 1
         posterior = cls.load_state(config, data["posterior"]["state"], int(data["posterior"].get("version", 1)))

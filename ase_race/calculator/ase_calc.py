@@ -11,6 +11,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from .. import _keys as K
+from ..errors import PredictionError
 from ..evaluation import Calibration, apply_calibration, max_forces_std
 from ..graph import MIN_DISTANCE, NeighbourCache, from_atoms
 from ..modelfile import ModelBundle, load_model
@@ -24,6 +25,10 @@ _VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 def _voigt(tensor: np.ndarray) -> np.ndarray:
     """(3, 3) → (6,) in ASE's Voigt order xx, yy, zz, yz, xz, xy."""
     return np.array([tensor[a, b] for a, b in _VOIGT])
+
+
+#: keywords passed on to ase.calculators.calculator.Calculator
+ASE_CALCULATOR_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
 
 
 class RACECalculator(Calculator):
@@ -91,6 +96,10 @@ class RACECalculator(Calculator):
         edge_chunk: int | None = 4096,
         **kwargs,
     ):
+        unknown = sorted(set(kwargs) - set(ASE_CALCULATOR_KEYWORDS))
+        if unknown:
+            accepted = ["model", "device", "dtype", "skin", "min_distance", "edge_chunk", *ASE_CALCULATOR_KEYWORDS]
+            raise TypeError(f"RACECalculator got unknown keyword arguments {unknown}; it accepts {accepted}")
         super().__init__(**kwargs)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +146,12 @@ class RACECalculator(Calculator):
         periodic = bool(atoms.pbc.all())
         prediction = self.posterior.predict(graph, compute_stress=periodic, edge_chunk=self.edge_chunk)
         self.n_evaluations += 1
-        self.results = self._results(prediction, periodic)
+        results = self._results(prediction, periodic)
+        bad = [k for k, v in results.items() if isinstance(v, (float, np.ndarray)) and not np.all(np.isfinite(v))]
+        if bad:
+            raise PredictionError(f"the model gave non-finite {', '.join(sorted(bad))} for {atoms.get_chemical_formula()}; "
+                                  "refusing to return them")
+        self.results = results
 
     def _refuse_unavailable(self, properties) -> None:
         """Raise before evaluating when a property cannot be had for these atoms (otherwise ASE

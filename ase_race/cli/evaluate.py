@@ -26,7 +26,10 @@ def add_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="fit energy and force variance scales on validation data")
     c.add_argument("model", help="model file or shipped model name")
     c.add_argument("data", help="labelled validation structures")
-    c.add_argument("-o", "--output", help="write the calibrated model here (default: overwrite MODEL)")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("-o", "--output", help="write the calibrated model here")
+    where.add_argument("--in-place", action="store_true",
+                       help="rewrite MODEL itself (not allowed for a shipped model found by name)")
     c.add_argument("--isotonic", action="store_true",
                    help="also fit a monotone (isotonic) map of the variances on top of the scales")
     c.add_argument("--energy-key", default="REF_energy")
@@ -96,6 +99,11 @@ def run_calibrate(args) -> int:
     from ..modelfile import load_model, resolve_model_path, save_model
     from ..training.assess import assess, calibrate, gather
 
+    from ..errors import ConfigError
+    from ..modelfile import SHIPPED_MODELS_DIRS
+
+    if args.in_place and resolve_model_path(args.model).resolve().parent in {d.resolve() for d in SHIPPED_MODELS_DIRS}:
+        raise ConfigError(f"{args.model} is a shipped model: write the calibrated copy elsewhere with -o OUT")
     bundle = load_model(args.model)
     frames = _frames(args.data, args)
     before = assess(gather(bundle, frames))

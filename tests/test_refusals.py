@@ -1,0 +1,65 @@
+"""Input that cannot be right is refused with a clear error: NaN model files, NaN outputs,
+unknown calculator keywords, an in-place calibration of a shipped model."""
+
+import math
+
+import pytest
+import torch
+from ase.build import molecule
+
+from ase_race import RACECalculator, load_model, save_model
+from ase_race.errors import ModelFileError, PredictionError
+from ase_race.testing import random_posterior
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_model(tmp_path / "m.pt", random_posterior("tiny", seed=2, species=(1, 6, 8), dtype="float64"))
+
+
+@pytest.mark.parametrize("where", ["weight", "e0s"])
+def test_a_model_file_with_non_finite_numbers_is_refused_naming_where(model_file, tmp_path, where):
+    data = torch.load(model_file, weights_only=True)
+    if where == "weight":
+        weights = data["posterior"]["state"]["weights"]
+        name = next(k for k, v in weights.items() if v.is_floating_point())
+        weights[name] = torch.full_like(weights[name], math.nan)
+        expected = f"posterior state.weights.{name}"
+    else:
+        data["config"]["e0s"] = [math.inf, 0.0, 0.0]
+        expected = "config.e0s"
+    torch.save(data, tmp_path / "nan.pt")
+    with pytest.raises(ModelFileError, match=f"nan.pt.*non-finite.*{expected}"):
+        load_model(tmp_path / "nan.pt")
+
+
+def test_the_calculator_raises_instead_of_returning_nan(model_file):
+    calc = RACECalculator(model_file)
+    with torch.no_grad():
+        for p in calc.posterior.networks()[0].parameters():
+            p.fill_(math.nan)
+    atoms = molecule("H2O")
+    atoms.calc = calc
+    with pytest.raises(PredictionError, match="non-finite.*energy"):
+        atoms.get_potential_energy()
+
+
+def test_unknown_calculator_keywords_are_refused_with_the_accepted_ones(model_file):
+    with pytest.raises(TypeError, match=r"\['default_dtype'\].*accepts.*'device'"):
+        RACECalculator(model_file, default_dtype="float64")
+    RACECalculator(model_file, device="cpu", label="ok")  # known ones still pass
+
+
+def test_calibrate_needs_an_output_and_never_rewrites_a_shipped_model(model_file, tmp_path, emt_file, capsys):
+    from ase_race.cli.main import main
+    from ase_race.modelfile import resolve_model_path
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", str(model_file), str(emt_file)])  # neither -o nor --in-place
+    shipped = resolve_model_path("ethanol-mve")
+    before = shipped.stat().st_mtime_ns
+    assert main(["calibrate", "ethanol-mve", str(emt_file), "--in-place"]) != 0
+    assert "shipped model" in capsys.readouterr().err and shipped.stat().st_mtime_ns == before
+    out = tmp_path / "calibrated.pt"
+    assert main(["calibrate", str(model_file), str(emt_file), "-o", str(out)]) == 0
+    assert load_model(out).calibration != load_model(model_file).calibration
