@@ -278,3 +278,40 @@ def test_verify_checks_a_geometry_with_the_reference(model, tmp_path):
     assert len(frames) == 1 and frames[0].info["fallback_reason"] == "verify"  # same structure: stored once
     with pytest.raises(RaceError, match="while verifying the final geometry"):
         FallbackCalculator(model, Flaky(fail_on=[1]), threshold=np.inf).verify(atoms, fmax=1.0)
+
+
+def test_a_nan_model_falls_back_and_a_nan_reference_is_never_a_label(model, tmp_path):
+    import math
+
+    import torch
+    from ase.calculators.calculator import Calculator
+
+    from ase_race.calculator import RACECalculator
+    from ase_race.errors import PredictionError
+
+    broken = RACECalculator(model)
+    with torch.no_grad():
+        for p in broken.posterior.networks()[0].parameters():
+            p.fill_(math.nan)
+    atoms = molecule("CH4")
+    atoms.calc = FallbackCalculator(broken, EMT(), threshold=1e9, dataset=tmp_path / "d.extxyz")
+    reference = EMT().get_potential_energy(molecule("CH4"))
+    assert atoms.get_potential_energy() == pytest.approx(reference)  # NaN counts as unsure, whatever the threshold
+    assert atoms.calc.results["fallback_used"]
+    atoms.calc = FallbackCalculator(broken, EMT(), threshold=1e9, budget=0)
+    with pytest.raises(PredictionError):  # no reference allowed: an error, never NaN results
+        atoms.get_potential_energy()
+
+    class NaNReference(Calculator):
+        implemented_properties = ("energy", "forces")
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            super().calculate(atoms, properties, system_changes)
+            self.results = {"energy": math.nan, "forces": np.zeros((len(atoms), 3))}
+
+    fallback = FallbackCalculator(model, NaNReference(), threshold=-1.0, dataset=tmp_path / "nan.extxyz")
+    atoms = molecule("CH4")
+    atoms.calc = fallback
+    atoms.get_potential_energy()
+    assert fallback.n_failures == 1 and fallback.n_reference == 0 and not fallback.results["fallback_used"]
+    assert not (tmp_path / "nan.extxyz").exists() or len(read(tmp_path / "nan.extxyz", ":")) == 0

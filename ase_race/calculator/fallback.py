@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from ase.io import read, write
 
 from .. import _keys as K
 from .._atomic import atomic_write_bytes
-from ..errors import RaceError, TrainingError
+from ..errors import PredictionError, RaceError, TrainingError
 from .ase_calc import RACECalculator
 
 log = logging.getLogger("ase_race.fallback")
@@ -212,13 +213,19 @@ class FallbackCalculator(Calculator):
         atoms = self.atoms
         model_atoms = atoms.copy()
         model_atoms.calc = self.model
-        model_atoms.get_potential_energy()
-        results = dict(self.model.results)
+        broken = None
+        try:
+            model_atoms.get_potential_energy()
+            results = dict(self.model.results)
+            value = float(results[self.quantity])
+        except PredictionError as error:  # NaN or inf from the model: as unsure as it gets
+            broken, results, value = error, {}, math.inf
         results["fallback_used"] = False
-        value = float(results[self.quantity])
         if value > self.threshold:
             outcome = self._try_reference(atoms, value, results)
             self.events.append((self.n_calls, value, outcome))
+        if broken is not None and not results["fallback_used"]:
+            raise broken  # no reference answer either: never return the model's NaN
         self.results = results
 
     def _allowed(self) -> str | None:
@@ -247,7 +254,8 @@ class FallbackCalculator(Calculator):
             self.n_reference += 1
             self.n_reused += 1
         self.last_reference_call = self.n_calls
-        model_energy, model_forces = results[K.ENERGY], np.array(results[K.FORCES])
+        model_energy = results.get(K.ENERGY, math.nan)
+        model_forces = np.array(results.get(K.FORCES, np.full((len(atoms), 3), math.nan)))
         results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
         self._record(atoms, energy, forces, f"{self.quantity}>{self.threshold:g}", value, model_energy, model_forces)
         return "reference"
@@ -261,6 +269,8 @@ class FallbackCalculator(Calculator):
                 ref_atoms.calc = self.reference
                 energy = float(ref_atoms.get_potential_energy())
                 forces = np.array(ref_atoms.get_forces(), dtype=np.float64)
+                if not (np.isfinite(energy) and np.isfinite(forces).all()):
+                    raise ValueError("the reference returned a non-finite energy or forces")  # never a label
                 self.n_reference += 1
                 return energy, forces
             except Exception as exc:  # any reference failure is handled by the policy
