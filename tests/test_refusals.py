@@ -63,3 +63,33 @@ def test_calibrate_needs_an_output_and_never_rewrites_a_shipped_model(model_file
     out = tmp_path / "calibrated.pt"
     assert main(["calibrate", str(model_file), str(emt_file), "-o", str(out)]) == 0
     assert load_model(out).calibration != load_model(model_file).calibration
+
+
+def test_bad_labels_are_refused_naming_file_frame_and_key(tmp_path):
+    import numpy as np
+    from ase.io import write
+
+    from ase_race.data import read_frames
+    from ase_race.errors import DataError
+
+    def frames(energy=-1.0, forces=None):
+        atoms = molecule("H2O")
+        atoms.info["REF_energy"] = energy
+        atoms.arrays["REF_forces"] = np.zeros((3, 3)) if forces is None else forces
+        good = molecule("H2O")
+        good.info["REF_energy"] = -1.0
+        good.arrays["REF_forces"] = np.zeros((3, 3))
+        return [good, atoms]
+
+    cases = [(dict(energy=math.nan), "frame 1: energy \\(key 'REF_energy'\\) has non-finite"),
+             (dict(forces=np.full((3, 3), math.inf)), "frame 1: forces \\(key 'REF_forces'\\) has non-finite")]
+    for k, (kwargs, message) in enumerate(cases):
+        path = tmp_path / f"bad{k}.extxyz"
+        write(path, frames(**kwargs), format="extxyz")
+        with pytest.raises(DataError, match=f"bad{k}.extxyz: {message}"):
+            read_frames(path)
+    truncated = tmp_path / "truncated.extxyz"
+    write(truncated, frames(), format="extxyz")
+    truncated.write_text("\n".join(truncated.read_text().splitlines()[:-2]) + "\n")
+    with pytest.raises(DataError, match="truncated.extxyz: cannot be read"):
+        read_frames(truncated)

@@ -63,6 +63,19 @@ def _calc_value(atoms: Atoms, name: str):
     return getattr(calc, "results", {}).get(name)
 
 
+def _checked(value, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """``value`` as a float64 array of ``shape``, finite; else :class:`DataError` naming ``where``."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where} is not a number or an array of numbers: {value!r}") from None
+    if array.shape != shape:
+        raise DataError(f"{where} has shape {array.shape}; expected {shape}")
+    if not np.isfinite(array).all():
+        raise DataError(f"{where} has non-finite values (NaN or inf)")
+    return array
+
+
 def _stress_3x3(value) -> np.ndarray:
     value = np.asarray(value, dtype=np.float64)
     if value.shape == (6,):
@@ -93,12 +106,13 @@ def frame_from_atoms(
                 f"{source} has no {label} under key {getattr(keys, label)!r} "
                 "(nor a value attached by the file's calculator)"
             )
+    where = {label: f"{source}: {label} (key {getattr(keys, label)!r})" for label in found}
     clean = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     return Frame(
         atoms=clean,
-        energy=None if energy is None else float(energy),
-        forces=None if forces is None else np.asarray(forces, dtype=np.float64).reshape(len(atoms), 3),
-        stress=None if stress is None else _stress_3x3(stress),
+        energy=None if energy is None else float(_checked(energy, (), where["energy"])),
+        forces=None if forces is None else _checked(forces, (len(atoms), 3), where["forces"]),
+        stress=None if stress is None else _checked(_stress_3x3(stress), (3, 3), where["stress"]),
         weight=float(atoms.info.get(keys.config_weight, 1.0)),
         config_type=config_type,
         source=source,
@@ -125,7 +139,10 @@ def read_frames(
         if not frames:
             raise DataError(f"{path}: no frames selected by index {index!r}")
         return frames
-    images = read(path, index=index, format=format)
+    try:
+        images = read(path, index=index, format=format)
+    except Exception as error:  # ase.io raises format-specific errors (XYZError, ...) without the path
+        raise DataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
     images = images if isinstance(images, list) else [images]
     if not images:
         raise DataError(f"{path}: no frames selected by index {index!r}")
