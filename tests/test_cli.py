@@ -63,15 +63,19 @@ def test_errors_are_one_line(tmp_path):
 
 def test_relax_reports_whether_the_minimum_is_trustworthy(tmp_path):
     out = tmp_path / "relax"
-    # A loose fmax far above the fixture model's force std: converged and trusted.
-    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1000", "--output", str(out))
+    # A trust threshold far above the fixture model's force std: converged and trusted.
+    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1000", "--trust-std", "1000", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "minimum trustworthy: yes" in proc.stdout
     frames = read(out / "trajectory.extxyz", ":")
     assert "race_max_forces_std" in frames[-1].info
-    # An fmax below the force std: the verdict says the minimum is within the noise.
-    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1e-9", "--steps", "3", "--output", str(out))
-    assert "minimum trustworthy: no" in proc.stdout
+    # Converged, but a trust threshold below the force std: the model is unsure there.
+    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1000", "--trust-std", "1e-9", "--output", str(out))
+    assert "minimum trustworthy: no (max_forces_std exceeds --trust-std" in proc.stdout
+    # Not converged: never trustworthy.
+    proc = ase_race("relax", "--model", FIXTURE, "--fmax", "1e-9", "--steps", "3", "--trust-std", "1000",
+                    "--output", str(out))
+    assert "minimum trustworthy: no (not converged" in proc.stdout
     # With a reference, the model's converged minimum is checked by the reference: EMT's
     # forces on the start structure lie between these two thresholds.
     for fmax, verdict in (("1000", "yes (verified"), ("0.05", "no (the reference's largest force")):

@@ -3,10 +3,13 @@
 Runs BFGS or FIRE to ``--fmax``, writes every step to an extxyz trajectory with the
 uncertainties (``race_*`` keys), optionally stops when the model becomes unsure
 (``--stop-above``), and ends with a report: the final energy and its std, the final
-``max_forces_std`` against ``fmax``, and a verdict. The minimum is called trustworthy when
-the optimiser converged, no step crossed the stop threshold, and ``max_forces_std`` ≤ ``fmax``:
-the model knows the forces better than the convergence criterion asks, so "forces below fmax"
-is a statement about the potential-energy surface rather than about noise.
+``max_forces_std`` against ``--trust-std``, and a verdict. The minimum is called trustworthy
+when the optimiser converged, no step crossed the stop threshold, and ``max_forces_std`` ≤
+``--trust-std`` (default 0.1 eV/Å): the model is as sure of this geometry as of the
+structures it was trained on (for ``ethanol-novelty``, 99 % of rMD17 test frames have
+``max_forces_std`` below 0.092 eV/Å, its equilibrium 0.030). It is a threshold of its own, not
+``fmax``: a convergence criterion of 0.01 eV/Å asks for forces far below any model's force
+noise, and comparing the two called every minimum untrustworthy.
 
 With ``--fallback NAME`` the reference is called wherever the model is unsure during the
 optimisation (the options of ``ase-race md``), and the final geometry is verified with it
@@ -19,16 +22,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .md import add_fallback_arguments
+from .md import DEFAULT_MODEL, add_fallback_arguments
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("relax", help="geometry optimisation with an uncertainty report")
-    p.add_argument("--model", default="ethanol-mve", help="model file or shipped name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model file or shipped name (default {DEFAULT_MODEL})")
     p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
     p.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs")
     p.add_argument("--fmax", type=float, default=0.01, help="eV/Å")
     p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps")
+    p.add_argument("--trust-std", type=float, default=0.1,
+                   help="the minimum is trustworthy when max_forces_std is at most this (eV/Å; default 0.1)")
     p.add_argument("--stop-above", type=float, default=None, help="stop when max_forces_std exceeds this (eV/Å)")
     p.add_argument("--output", default="race_relax", help="output folder")
     add_fallback_arguments(p)
@@ -71,14 +76,14 @@ def run(args) -> int:
         stopped, converged = exc, False
     r = atoms.calc.results
     fmax = float((atoms.get_forces() ** 2).sum(axis=1).max() ** 0.5)
-    trusted = converged and stopped is None and r["max_forces_std"] <= args.fmax
+    trusted = converged and stopped is None and r["max_forces_std"] <= args.trust_std
     verification = None
     if fallback is not None and converged and not args.no_verify:
         verification = fallback.verify(atoms, args.fmax)
         trusted = verification.converged
     print(f"final energy {r['energy']:.5f} ± {r['energy_std']:.5f} eV (epistemic std "
           f"{r['energy_var_epistemic'] ** 0.5:.5f} eV) after {optimizer.nsteps} steps; residual fmax {fmax:.4f} eV/Å")
-    print(f"max_forces_std {r['max_forces_std']:.4f} eV/Å against fmax {args.fmax:g} eV/Å")
+    print(f"max_forces_std {r['max_forces_std']:.4f} eV/Å against the trust threshold {args.trust_std:g} eV/Å")
     if stopped is not None:
         reason = f"stopped: {stopped}"
     elif not converged:
@@ -88,9 +93,9 @@ def run(args) -> int:
     elif verification is not None:
         reason = f"verified: the reference's largest force is {verification.reference_fmax:.4f} eV/Å ≤ fmax"
     elif not trusted:
-        reason = "the force uncertainty exceeds fmax: the minimum is within the model's noise"
+        reason = "max_forces_std exceeds --trust-std: the model is unsure of this geometry"
     else:
-        reason = "converged with forces known better than fmax"
+        reason = "converged where the model is sure (max_forces_std ≤ --trust-std)"
     if fallback is not None:
         print(f"fallback: {fallback.n_reference} reference calls ({fallback.n_failures} failed) in "
               f"{fallback.n_calls} evaluations, {fallback.n_retrains} retrains ({fallback.n_retrain_failures} failed)")
