@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,6 +22,47 @@ FORCE_COV_FORMS = ("equivariant", "cholesky")
 ENERGY_VAR_FORMS = ("sum", "paper")
 DTYPES = ("float32", "float64")
 LOSSES = ("mse", "nll_e", "nll_jef")
+
+
+#: the largest sizes a ModelConfig may ask for
+SIZE_LIMITS = {"num_layers": 32, "num_features": 4096, "readout_hidden": 4096, "num_bessel": 256, "sh_lmax": 8,
+               "n_cov_vectors": 64}
+
+
+def coerce_field(key: str, annotation: Any, value: Any) -> Any:
+    """``value`` as the declared scalar type of field ``key`` (YAML reads ``1e-3`` as a string;
+    a command-line override is always one), or :class:`ConfigError` naming the key and value."""
+    kind = getattr(annotation, "__name__", annotation)
+    if kind not in ("int", "float", "bool", "str"):
+        return value
+    bad = ConfigError(f"{key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+    if kind == "str":
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise bad from None
+    if not isinstance(value, (int, float)):
+        raise bad
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise bad
+        return int(value)
+    return float(value)
+
 
 
 @dataclass(frozen=True)
@@ -88,6 +130,8 @@ class ModelConfig:
     max_log_var: float | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, coerce_field(f.name, f.type, getattr(self, f.name)))
         # Normalise sequences so that from_dict(to_dict()) compares equal.
         object.__setattr__(self, "species", tuple(int(z) for z in self.species))
         object.__setattr__(self, "radial_mlp", tuple(int(w) for w in self.radial_mlp))
@@ -116,6 +160,11 @@ class ModelConfig:
         for name in ("num_bessel", "num_layers", "num_features", "readout_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        # Bounds far above any useful network, so that a hostile or mistyped file cannot make
+        # the loader build one of gigabytes before its weights are checked.
+        for name, most in SIZE_LIMITS.items():
+            if getattr(self, name) > most:
+                raise ConfigError(f"{name}={getattr(self, name)} is above the largest supported value {most}")
         if self.force_cov == "equivariant" and self.n_cov_vectors < 1:
             raise ConfigError("n_cov_vectors must be at least 1 for the equivariant force covariance")
         if self.isolated_limit is not None and not (self.isolated_limit > 0 and math.isfinite(self.isolated_limit)):

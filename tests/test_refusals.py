@@ -93,3 +93,24 @@ def test_bad_labels_are_refused_naming_file_frame_and_key(tmp_path):
     truncated.write_text("\n".join(truncated.read_text().splitlines()[:-2]) + "\n")
     with pytest.raises(DataError, match="truncated.extxyz: cannot be read"):
         read_frames(truncated)
+
+
+def test_config_values_are_coerced_from_their_declared_types_or_refused_by_name():
+    from ase_race.config import ModelConfig
+    from ase_race.errors import ConfigError
+    from ase_race.training import TrainConfig
+
+    config = TrainConfig(lr="1e-3", max_epochs=10.0, batch_size="4", amsgrad="false")
+    assert (config.lr, config.max_epochs, config.batch_size, config.amsgrad) == (1e-3, 10, 4, False)
+    assert isinstance(config.max_epochs, int)
+    for kwargs, message in ((dict(max_epochs="ten"), "max_epochs must be an int, got 'ten'"),
+                            (dict(batch_size=4.5), "batch_size must be an int, got 4.5"),
+                            (dict(lr=-0.01), "lr must be a positive number"),
+                            (dict(amsgrad="maybe"), "amsgrad must be a bool")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**kwargs)
+    assert ModelConfig.from_preset("tiny", r_max="4.5").r_max == 4.5
+    with pytest.raises(ConfigError, match="r_max must be a float, got 'five'"):
+        ModelConfig.from_preset("tiny", r_max="five")
+    with pytest.raises(ConfigError, match="num_layers=100000 is above"):
+        ModelConfig.from_preset("tiny", num_layers=100000)

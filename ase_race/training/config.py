@@ -19,11 +19,12 @@ with a ``FutureWarning`` naming the key to use instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..config import LOSSES, ModelConfig
+from ..config import LOSSES, ModelConfig, coerce_field
 from ..errors import ConfigError
 
 
@@ -132,7 +133,7 @@ class TrainConfig:
                 value = f.default
             else:
                 value = f.default_factory()
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, coerce_field(name, f.type, value))
         object.__setattr__(self, "model", ReadOnlyDict(self.model))
         sections: dict[str, Any] = {}
         given = dict(self.options)
@@ -178,6 +179,15 @@ class TrainConfig:
             raise ConfigError(f"method={self.method!r} is not one of {tuple(self.options)}")
         if self.batch_size < 1 or self.max_epochs < 0 or self.checkpoint_every < 1:
             raise ConfigError("batch_size and checkpoint_every must be ≥ 1 and max_epochs ≥ 0")
+        positive = {"lr": self.lr, "valid_fraction": self.valid_fraction}
+        for key, value in positive.items():
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        for key in ("energy_weight", "forces_weight", "beta", "weight_decay", "clip_grad", "min_lr", "max_time_s",
+                    "warmup_epochs", "n_train", "plateau_patience"):
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a non-negative number, got {value!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 < self.plateau_factor <= 1:

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
+from ...config import coerce_field
 from ...errors import ConfigError
 from ...posteriors import Posterior
 
@@ -32,7 +33,8 @@ class MethodOptions:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: coerce_field(k, types[k], v) for k, v in data.items()})
 
     def replace(self, **changes: Any):
         return dataclasses.replace(self, **changes)
