@@ -131,6 +131,8 @@ def _check_finite(obj: Any, where: str) -> None:
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A path as given, or the name of a shipped model in ``models/`` (with or without ``.pt``)."""
     path = Path(model)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, not a model file")
     if path.exists():
         return path
     for candidate in (SHIPPED_MODELS_DIR / str(model), SHIPPED_MODELS_DIR / f"{model}.pt"):

@@ -114,3 +114,18 @@ def test_config_values_are_coerced_from_their_declared_types_or_refused_by_name(
         ModelConfig.from_preset("tiny", r_max="five")
     with pytest.raises(ConfigError, match="num_layers=100000 is above"):
         ModelConfig.from_preset("tiny", num_layers=100000)
+
+
+def test_a_directory_is_not_a_model_file(tmp_path):
+    with pytest.raises(ModelFileError, match="is a directory"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ethanol-novelty", "ethanol-llla", "ethanol-ensemble"])
+def test_a_structure_without_atoms_has_zero_energy_and_no_uncertainty(name):
+    from ase import Atoms
+
+    atoms = Atoms()
+    atoms.calc = RACECalculator(name)
+    assert atoms.get_potential_energy() == 0.0 and atoms.get_forces().shape == (0, 3)
+    assert atoms.calc.results["energy_std"] == 0.0 and atoms.calc.results["max_forces_std"] == 0.0

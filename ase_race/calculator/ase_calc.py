@@ -134,6 +134,9 @@ class RACECalculator(Calculator):
         if "numbers" in system_changes:
             self.neighbours.reset()
         atoms = self.atoms
+        if len(atoms) == 0:  # nothing to evaluate: zero energy, no forces, no uncertainty
+            self.results = self._empty_results(bool(atoms.pbc.all()))
+            return
         graph = from_atoms(
             atoms,
             self.species,
@@ -167,6 +170,22 @@ class RACECalculator(Calculator):
                 f"{sorted(wanted)} need a sampling posterior (ensemble, SWAG, IVON, all-weight Laplace); this model is "
                 f"{self.posterior.kind!r}"
             )
+
+    def _empty_results(self, periodic: bool) -> dict:
+        """The results of a structure without atoms, for every posterior alike."""
+        results = {K.ENERGY: 0.0, K.FREE_ENERGY: 0.0, K.ENERGIES: np.zeros(0), K.FORCES: np.zeros((0, 3)),
+                   K.FORCES_COV: np.zeros((0, 3, 3)), K.MAX_FORCES_STD: 0.0}
+        for key in (K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC,
+                    K.BALD_ENERGY, K.BALD_FORCES, K.BALD):
+            results[key] = 0.0
+        for key in (K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_EPISTEMIC):
+            results[key] = np.zeros((0, 3))
+        if periodic:
+            results["stress"], results[K.STRESS_VAR] = np.zeros(6), np.zeros(6)
+        if self.posterior.provides_ensemble:
+            m = self.posterior.n_samples_or_members
+            results[K.ENERGY_ENSEMBLE], results[K.FORCES_ENSEMBLE] = np.zeros(m), np.zeros((m, 0, 3))
+        return results
 
     def _results(self, p: Prediction, periodic: bool) -> dict:
         """Prediction (one structure) → ASE results: float64 numpy arrays and Python floats.
