@@ -132,3 +132,13 @@ def summary(states: list) -> dict[str, Any]:
         "wall_time_s": wall,
         "structures_per_s": sum(s.structures_seen for s in states) / max(wall, 1e-9),
     }
+
+
+def base_network(path, method: str):
+    """The one network of the model file ``path`` that ``method`` is fitted around."""
+    from ...modelfile import load_model
+
+    networks = load_model(path).posterior.networks()
+    if len(networks) != 1:
+        raise ConfigError(f"{path}: {method} needs a single-network model file, not one with {len(networks)} networks")
+    return networks[0]

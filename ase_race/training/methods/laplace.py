@@ -21,7 +21,7 @@ from ...errors import ConfigError
 from ...nn import RACE
 from ...posteriors.last_layer import LastLayerLaplacePosterior, last_layer_jacobians
 from ..batches import GraphDataset
-from .base import Fitted, Method, MethodOptions
+from .base import Fitted, Method, MethodOptions, base_network
 
 log = logging.getLogger("ase_race.training")
 
@@ -249,17 +249,12 @@ class Laplace(Method):
               "base_model": "base_model", "test_samples": "test_samples"}
 
     def fit(self, config, model_config, train, valid, *, in_memory=False, on_step=None):
-        from ...modelfile import load_model
         from .mve import MVE
 
         options = config.laplace
         summary: dict = {}
         if options.base_model:
-            networks = load_model(options.base_model).posterior.networks()
-            if len(networks) != 1:
-                raise ConfigError(f"{options.base_model}: Laplace needs a single-network model file, "
-                                  f"not one with {len(networks)} networks")
-            model = networks[0]
+            model = base_network(options.base_model, "Laplace")
             if model.config.to_dict() != model_config.to_dict():
                 log.info("using the base model's own config (species, E0s, scale) instead of the data's")
             summary["base_model"] = str(options.base_model)

@@ -29,7 +29,7 @@ from ...errors import ConfigError, DataError
 from ...nn import RACE, build_model
 from ...posteriors.novelty import PARAMETERS, NoveltyPosterior
 from ..batches import GraphDataset
-from .base import Fitted, Method, MethodOptions
+from .base import Fitted, Method, MethodOptions, base_network
 
 log = logging.getLogger("ase_race.training")
 
@@ -331,7 +331,6 @@ class Novelty(Method):
 
     def fit(self, config, model_config, train, valid, *, in_memory=False, on_step=None):
         from ...data import read_frames
-        from ...modelfile import load_model
         from ..api import label_keys
         from .mve import MVE
 
@@ -339,11 +338,7 @@ class Novelty(Method):
         summary: dict = {}
         limit = options.isolated_limit
         if options.base_model:
-            networks = load_model(options.base_model).posterior.networks()
-            if len(networks) != 1:
-                raise ConfigError(f"{options.base_model}: novelty needs a single-network model file, "
-                                  f"not one with {len(networks)} networks")
-            base = networks[0]
+            base = base_network(options.base_model, "novelty")
             if limit == "auto":
                 limit = auto_isolated_limit(base.config, GraphDataset(train.frames, base.config.species,
                                                                       base.config.r_max, base.dtype))
