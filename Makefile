@@ -16,15 +16,15 @@ $(STAMP): setup.cfg pyproject.toml
 	# torch first, pinned: installing the package afterwards then keeps this build instead of
 	# pulling the newest torch with several GB of CUDA libraries.
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	# laplace-torch and BackPACK declare torchvision, whose wheel breaks the CPU torch build and
-	# which neither needs: install them without dependencies; their real ones are in setup.cfg.
-	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE)
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(STAMP)
 
-# The test extras (pytest, pyscf) only for the tests: the demo stays quick to install.
+# The test extras (pytest, pyscf, pymatgen, laplace-torch's dependencies) only for the tests:
+# the demo stays quick to install. laplace-torch and BackPACK declare torchvision, whose wheel
+# breaks the CPU torch build and which neither needs: they go in last, without dependencies.
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(LAPLACE)
 	touch $(TEST_STAMP)
 
 install: $(STAMP)

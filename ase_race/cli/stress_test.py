@@ -35,6 +35,10 @@ def reference_factory(name: str):
     broken-symmetry ground state, and it converges. The labels file records which one gave
     each label (``reference_attempt``).
     """
+    from ..extras import EXTRAS, require
+
+    if name in EXTRAS:
+        require(name, f"--reference {name}")
     if name == "pyscf":
         from ..calculator.pyscf_ref import PySCFCalculator
 
@@ -55,6 +59,7 @@ def run(args) -> int:
     from ..calculator import RACECalculator
     from ..stress import format_report, stress_test, write_report
 
+    references = reference_factory(args.reference)  # a missing package stops here, before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     structure = read(args.structure) if Path(args.structure).exists() else molecule(args.structure)
     in_distribution = read(args.in_distribution, ":") if args.in_distribution else None
@@ -63,7 +68,7 @@ def run(args) -> int:
     calc = RACECalculator(args.model)
     driver = RACECalculator(args.driver) if args.driver else None
     report, scored = stress_test(
-        calc, structure, reference_factory(args.reference), in_distribution=in_distribution,
+        calc, structure, references, in_distribution=in_distribution,
         cache=out / f"labels_{args.reference}.extxyz", n_md=args.md_frames, hot_temperature=args.hot_temperature,
         max_distance=args.max_distance, seed=args.seed, driver=driver, relax_fmax=None if args.no_relax else 0.01,
     )

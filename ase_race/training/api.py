@@ -137,8 +137,12 @@ def fit(
         the posterior with its metadata (training summary, validation and test metrics), or
         None on data-parallel ranks other than 0.
     """
+    from ..extras import require
     from .methods import method_class
 
+    method = method_class(config.method)
+    for name in method.requires(config.options.get(config.method)):  # before any data is read
+        require(name, f"method {config.method!r}")
     model_config, train_frames, valid_frames = prepare(config, train, valid)
     dtype = TORCH_DTYPES[model_config.dtype]
     train_set = GraphDataset(train_frames, model_config.species, model_config.r_max, dtype)
@@ -146,7 +150,7 @@ def fit(
     if not in_memory:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
     log.info("%s: training on %d structures, validating on %d; %s", config.method, len(train_set), len(valid_set), model_config)
-    result = method_class(config.method)().fit(config, model_config, train_set, valid_set, in_memory=in_memory, on_step=on_step)
+    result = method().fit(config, model_config, train_set, valid_set, in_memory=in_memory, on_step=on_step)
     if result is None:  # a rank other than 0 in data-parallel training
         return None
     posterior = result.posterior

@@ -87,6 +87,11 @@ class Method(ABC):
         return {k: getattr(options, k) for k in options.training_keys}
 
     @classmethod
+    def requires(cls, options: Any) -> tuple[str, ...]:
+        """Optional packages (keys of :data:`ase_race.extras.EXTRAS`) a fit with ``options`` needs."""
+        return ()
+
+    @classmethod
     def hooks(cls, config):
         """The method's :class:`~ase_race.training.loop.TrainingHooks` for a run of ``config``
         (None: the plain loop)."""

@@ -248,6 +248,10 @@ class Laplace(Method):
     legacy = {"laplace_subset": "subset", "laplace_prior_precision": "prior_precision", "laplace_noise": "noise",
               "base_model": "base_model", "test_samples": "test_samples"}
 
+    @classmethod
+    def requires(cls, options):
+        return ("laplace",) if options is not None and options.subset == "all" else ()
+
     def fit(self, config, model_config, train, valid, *, in_memory=False, on_step=None):
         from .mve import MVE
 
