@@ -111,10 +111,16 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+#: dtypes no stored tensor has (weights are float32/float64, indices int64, masks bool)
+_ODD_DTYPES = {torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.int16}
+
+
 def _check_finite(obj: Any, where: str) -> None:
     """Raise :class:`ModelFileError` naming the first stored tensor or number that is NaN or
     infinite (a file with such weights would load and predict NaN)."""
     if isinstance(obj, torch.Tensor):
+        if obj.is_complex() or obj.dtype in _ODD_DTYPES:
+            raise ModelFileError(f"{where} is stored as {obj.dtype}, which no ase-race tensor is")
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             raise ModelFileError(f"non-finite values (NaN or inf) in {where}")
     elif isinstance(obj, float):
@@ -143,23 +149,33 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
                          f"looked for in {SHIPPED_MODELS_DIR})")
 
 
-def read_model_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check the raw dict of a model file, upgraded to the current version."""
-    path = resolve_model_path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head != _ZIP_MAGIC:
-        raise ModelFileError(f"{path}: not an ase-race model file (not a torch zip archive)")
+def read_torch_file(path: Path, what: str, error: type[Exception]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with every way it can fail (not a torch
+    archive, pickled code, truncated) raised as ``error`` naming the file; ``what`` names the
+    kind of file expected, for the message."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as err:
+        raise error(f"{path}: cannot be read ({err.strerror or err})") from None
+    if head != _ZIP_MAGIC:
+        raise error(f"{path}: not {what} (not a torch zip archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = [line.strip() for line in str(err).splitlines() if "Unsupported" in line]
-        raise ModelFileError(
+        raise error(
             f"{path}: refused to load: the file contains pickled Python objects, which ase-race "
             f"never executes ({detail[0] if detail else str(err).splitlines()[0]})"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise ModelFileError(f"{path}: truncated or corrupt file ({str(err).splitlines()[0]})") from None
+        raise error(f"{path}: truncated or corrupt file ({str(err).splitlines()[0]})") from None
+
+
+def read_model_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check the raw dict of a model file, upgraded to the current version."""
+    path = resolve_model_path(path)
+    data = read_torch_file(path, "an ase-race model file", ModelFileError)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ModelFileError(f"{path}: not an ase-race model file (format {found!r}, expected {FORMAT_NAME!r})")
@@ -207,7 +223,7 @@ def load_model(
         calibration = Calibration.from_dict(data["calibration"])
     except ModelFileError as err:
         raise ModelFileError(f"{path}: {err}") from None
-    except (ConfigError, KeyError, TypeError) as err:
+    except (ConfigError, KeyError, TypeError, ValueError) as err:  # ValueError: e.g. a mis-shaped covariance
         raise ModelFileError(f"{path}: malformed model file: {err}") from None
     except RuntimeError as err:  # load_state_dict: missing/unexpected/mis-shaped tensors
         raise ModelFileError(f"{path}: weights do not match the stored config: {err}") from None

@@ -2,6 +2,8 @@
 unknown calculator keywords, an in-place calibration of a shipped model."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,60 @@ def test_a_structure_without_atoms_has_zero_energy_and_no_uncertainty(name):
     atoms.calc = RACECalculator(name)
     assert atoms.get_potential_energy() == 0.0 and atoms.get_forces().shape == (0, 3)
     assert atoms.calc.results["energy_std"] == 0.0 and atoms.calc.results["max_forces_std"] == 0.0
+
+
+POSTERIORS = Path(__file__).parent / "data" / "posteriors"
+
+
+def test_a_weight_stored_with_the_wrong_dtype_is_refused_by_name(model_file, tmp_path):
+    data = torch.load(model_file, weights_only=True)
+    weights = data["posterior"]["state"]["weights"]
+    name = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 2)
+    weights[name] = weights[name].round().long()  # load_state_dict would cast it silently
+    torch.save(data, tmp_path / "int.pt")
+    with pytest.raises(ModelFileError, match=f"int.pt: weight '{re.escape(name)}' is stored as torch.int64"):
+        load_model(tmp_path / "int.pt")
+    weights[name] = torch.zeros_like(weights[name], dtype=torch.float16)
+    torch.save(data, tmp_path / "half.pt")
+    with pytest.raises(ModelFileError, match="half.pt.*stored as torch.float16"):
+        load_model(tmp_path / "half.pt")
+
+
+def test_a_mis_shaped_laplace_covariance_names_the_file(tmp_path):
+    data = torch.load(POSTERIORS / "last_layer_laplace-v1.pt", weights_only=True)
+    cov = data["posterior"]["state"]["covariance"]
+    data["posterior"]["state"]["covariance"] = cov[:-1, :-1]
+    torch.save(data, tmp_path / "cov.pt")
+    with pytest.raises(ModelFileError, match="cov.pt: malformed model file"):
+        load_model(tmp_path / "cov.pt")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled", "foreign", "wrong-tensors"])
+def test_a_damaged_checkpoint_is_an_error_naming_its_path(emt_file, tmp_path, damage):
+    from ase_race.errors import TrainingError
+    from ase_race.training import TrainConfig, train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(train_file=str(emt_file), e0s="fit", valid_fraction=4, preset="tiny", max_epochs=1,
+                      batch_size=4, output_dir=str(out), checkpoint_every=1,
+                      model={"num_features": 4, "hidden_irreps": "4x0e+4x1o", "sh_lmax": 1, "radial_mlp": [8],
+                             "readout_hidden": 4})
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    if damage == "wrong-tensors":
+        train(cfg.replace(max_epochs=1))
+        data = torch.load(checkpoint, weights_only=True)
+        data["model"] = {k: v[..., :1] if v.dim() else v for k, v in data["model"].items()}
+        data["epoch"] = 0  # so the finished run would resume
+        torch.save(data, checkpoint)
+        cfg = cfg.replace(max_epochs=2)
+    elif damage == "truncated":
+        train(cfg)
+        checkpoint.write_bytes(checkpoint.read_bytes()[:500])
+        cfg = cfg.replace(max_epochs=2)
+    elif damage == "pickled":
+        torch.save({"train_config": {}, "model_config": {}, "model": Path("x")}, checkpoint)
+    else:
+        torch.save({"something": torch.zeros(2)}, checkpoint)
+    with pytest.raises(TrainingError, match=re.escape(str(checkpoint))):
+        train(cfg)

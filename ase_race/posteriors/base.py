@@ -153,6 +153,22 @@ class Posterior(ABC):
         return TORCH_DTYPES[self.config.dtype]
 
 
+def load_weights(model, weights: dict[str, torch.Tensor]):
+    """``model.load_state_dict(weights)`` after checking that every stored tensor has the kind of
+    dtype (floating, integer, boolean) of the network's own: load_state_dict would silently cast
+    an int64 weight, so a damaged file would load. Returns ``model``."""
+    own = model.state_dict()
+    for name, value in weights.items():
+        if name in own and isinstance(value, torch.Tensor) and _dtype_kind(value) != _dtype_kind(own[name]):
+            raise ModelFileError(f"weight {name!r} is stored as {value.dtype}; the network's is {own[name].dtype}")
+    model.load_state_dict(weights)
+    return model
+
+
+def _dtype_kind(t: torch.Tensor) -> str:
+    return "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "int"
+
+
 def rebuilt_in(model, dtype: torch.dtype | None, device=None):
     """``model`` in ``dtype`` (rebuilt from its config, since the config names the dtype) and on
     ``device``, in eval mode; the same object when the dtype already matches."""

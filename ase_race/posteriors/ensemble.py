@@ -9,7 +9,7 @@ import torch
 from ..config import ModelConfig
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
-from .base import Posterior, Prediction, rebuilt_in
+from .base import Posterior, Prediction, load_weights, rebuilt_in
 from .mixture import mixture_prediction
 from .stacked import StackedModel, stack_parameters
 
@@ -97,7 +97,7 @@ class EnsemblePosterior(Posterior):
         members = []
         for weights in state["members"]:
             model = build_model(config)
-            model.load_state_dict(weights)
+            load_weights(model, weights)
             members.append(model.eval())
         return cls(members, aleatoric=bool(state.get("aleatoric", True)))
 

@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
 from ..nn.derivatives import derivative_inputs, energy_derivatives
-from .base import Posterior, Prediction, rebuilt_in
+from .base import Posterior, Prediction, load_weights, rebuilt_in
 
 
 def last_layer_jacobians(
@@ -195,7 +195,7 @@ class LastLayerLaplacePosterior(Posterior):
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "LastLayerLaplacePosterior":
         model = build_model(config)
-        model.load_state_dict(state["weights"])
+        load_weights(model, state["weights"])
         hyper = {k: float(v) for k, v in state.get("hyper", {}).items()}
         return cls(model, state["covariance"], hyper, force_rank=int(state.get("force_rank", 0)),
                    force_basis=state.get("force_basis"))

@@ -10,7 +10,7 @@ from .. import _keys as K
 from ..config import ModelConfig
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
-from .base import Posterior, Prediction, rebuilt_in
+from .base import Posterior, Prediction, load_weights, rebuilt_in
 
 
 class MVEPosterior(Posterior):
@@ -61,7 +61,7 @@ class MVEPosterior(Posterior):
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "MVEPosterior":
         model = build_model(config)
-        model.load_state_dict(state["weights"])
+        load_weights(model, state["weights"])
         return cls(model)
 
     def to(self, device=None, dtype=None) -> "MVEPosterior":

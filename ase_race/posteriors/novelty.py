@@ -49,7 +49,7 @@ from ..errors import ModelFileError
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
 from ..nn.derivatives import derivative_inputs, energy_derivatives
-from .base import Posterior, Prediction, rebuilt_in
+from .base import Posterior, Prediction, load_weights, rebuilt_in
 
 PARAMETERS = ("energy_aleatoric", "energy_scale", "energy_width", "energy_power", "energy_bond",
               "forces_aleatoric", "forces_scale", "forces_width", "forces_power", "forces_bond")
@@ -207,7 +207,7 @@ class NoveltyPosterior(Posterior):
     @classmethod
     def from_state_dict(cls, config: ModelConfig, state: dict[str, Any]) -> "NoveltyPosterior":
         model = build_model(config)
-        model.load_state_dict(state["weights"])
+        load_weights(model, state["weights"])
         try:
             references = [state["references"][str(z)] for z in config.species]
         except KeyError as error:

@@ -19,7 +19,7 @@ import torch
 from ..config import ModelConfig
 from ..graph import AtomicGraph
 from ..nn import RACE, build_model
-from .base import Posterior, Prediction, rebuilt_in
+from .base import Posterior, Prediction, load_weights, rebuilt_in
 from .mixture import mixture_prediction
 from .stacked import StackedModel, flat_parameters, unflatten
 
@@ -93,7 +93,7 @@ class SampledPosterior(Posterior):
     @staticmethod
     def _model_from_state(config: ModelConfig, state: dict[str, Any]) -> RACE:
         model = build_model(config)
-        model.load_state_dict(state["weights"])
+        load_weights(model, state["weights"])
         return model
 
     def to(self, device=None, dtype=None) -> "SampledPosterior":

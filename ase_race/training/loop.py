@@ -238,8 +238,13 @@ class Trainer:
         dist_utils.barrier()
 
     def load_checkpoint(self) -> None:
+        from ..modelfile import read_torch_file
+
         # On the CPU first: the generator state must stay a CPU tensor.
-        data = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        data = read_torch_file(self.checkpoint_path, "a training checkpoint", TrainingError)
+        if not isinstance(data, dict) or not {"train_config", "model_config", "model"} <= set(data):
+            raise TrainingError(f"{self.checkpoint_path}: not a training checkpoint of ase-race; "
+                                "delete it or use another output_dir")
         new = _relevant(self.config.to_dict())
         try:  # a key the checkpoint lacks was added by a later version: its default applies
             old = _relevant(data["train_config"])
@@ -253,21 +258,25 @@ class Trainer:
                 f"{self.checkpoint_path} belongs to a run with different settings ({changed or 'model'}); "
                 "use another output_dir or delete the checkpoint to start afresh"
             )
-        self.model.load_state_dict(data["model"])
-        self.ema = {k: v.to(self.device) for k, v in data["ema"].items()}
-        self.optimizer.load_state_dict(data["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(data["scheduler"])
-        self.generator.set_state(data["generator"])
-        s = self.state
-        s.epoch, s.step_in_epoch, s.global_step = data["epoch"], data["step_in_epoch"], data["global_step"]
-        s.permutation = data["permutation"]
-        s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
-        s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
-        s.running_loss = data["running_loss"]
-        # Checkpoints of earlier releases kept the method's state under its own keys.
-        legacy = {"step": data.get("ivon_step", 0), "rng": data.get("ivon_rng"), **(data.get("swag") or {})}
-        self.hooks.load_state_dict(data.get("method_state", legacy), self)
+        try:
+            self.model.load_state_dict(data["model"])
+            self.ema = {k: v.to(self.device) for k, v in data["ema"].items()}
+            self.optimizer.load_state_dict(data["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(data["scheduler"])
+            self.generator.set_state(data["generator"])
+            s = self.state
+            s.epoch, s.step_in_epoch, s.global_step = data["epoch"], data["step_in_epoch"], data["global_step"]
+            s.permutation = data["permutation"]
+            s.best_valid, s.best_epoch, s.best_weights = data["best_valid"], data["best_epoch"], data["best_weights"]
+            s.history, s.elapsed_s, s.structures_seen = data["history"], data["elapsed_s"], data["structures_seen"]
+            s.running_loss = data["running_loss"]
+            # Checkpoints of earlier releases kept the method's state under its own keys.
+            legacy = {"step": data.get("ivon_step", 0), "rng": data.get("ivon_rng"), **(data.get("swag") or {})}
+            self.hooks.load_state_dict(data.get("method_state", legacy), self)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a damaged or foreign checkpoint
+            raise TrainingError(f"{self.checkpoint_path}: damaged checkpoint ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}); delete it to start afresh") from None
         log.info("resumed from %s at epoch %d, step %d", self.checkpoint_path, s.epoch, s.step_in_epoch)
 
     # ------------------------------------------------------------------ training
