@@ -1,17 +1,22 @@
 """Reading labelled data: key mapping, fallbacks, clear errors, E0s and statistics."""
 
+import warnings
+
 import numpy as np
 import pytest
 from ase import Atoms
+from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
 from ase_race.data import (
+    Frame,
     KeyMap,
     dataset_statistics,
     fit_e0s,
     isolated_atom_e0s,
     read_frames,
+    read_structures,
     split_frames,
 )
 from ase_race.errors import DataError
@@ -77,8 +82,23 @@ def test_isolated_and_fitted_e0s(tmp_path):
         a.arrays["REF_forces"] = np.zeros((len(a), 3))
         mols.append(a)
     write(tmp_path / "m.extxyz", mols)
-    fitted = fit_e0s(read_frames(tmp_path / "m.extxyz"), [1, 8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # three compositions fix both E0s: no warning
+        fitted = fit_e0s(read_frames(tmp_path / "m.extxyz"), [1, 8])
     assert fitted == pytest.approx({1: -1.0, 8: -5.0})
+
+
+def test_fitted_e0s_of_one_composition_warn(tmp_path):
+    """Every frame ethanol: E = 2 E0(C) + 6 E0(H) + E0(O) fixes one combination of three E0s."""
+    frames = []
+    for k in range(4):
+        atoms = molecule("CH3CH2OH")
+        atoms.rattle(0.05, seed=k)
+        frames.append(Frame(atoms=atoms, energy=-100.0 - 0.1 * k))
+    with pytest.warns(UserWarning, match=r"1 composition\(s\) \(C2H6O\), which fix only 1 combination.*e0s: isolated"):
+        fitted = fit_e0s(frames, [1, 6, 8])
+    # still the least-squares (minimum-norm) solution
+    assert 6 * fitted[1] + 2 * fitted[6] + fitted[8] == pytest.approx(-100.15)
 
 
 def test_statistics_and_split(emt_file):
@@ -99,6 +119,24 @@ def test_statistics_and_split(emt_file):
 def test_missing_file():
     with pytest.raises(DataError, match="nope.xyz: no such data file"):
         read_frames("nope.xyz")
+    with pytest.raises(DataError, match="nope.xyz: no such file"):
+        read_structures("nope.xyz")
+
+
+def test_read_structures_keeps_labels_or_drops_them(tmp_path):
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0.8, 0, 0]], info={"REF_energy": -1.0, "note": "x"})
+    atoms.arrays["REF_forces"] = np.ones((2, 3))
+    other = atoms.copy()
+    other.calc = SinglePointCalculator(other, energy=-2.0, forces=np.zeros((2, 3)))
+    write(tmp_path / "s.extxyz", [atoms, other])
+    first, second = read_structures(tmp_path / "s.extxyz")
+    assert first.info["REF_energy"] == -1.0 and second.get_potential_energy() == -2.0
+    (bare,) = read_structures(tmp_path / "s.extxyz", index=-1, labels=False)
+    assert bare.calc is None and "REF_energy" not in bare.info and "REF_forces" not in bare.arrays
+    assert bare.info["note"] == "x"  # other info stays
+    (tmp_path / "bad.extxyz").write_text("3\nnot a comment line\nH 0 0\n")
+    with pytest.raises(DataError, match=r"bad.extxyz: cannot be read \("):
+        read_structures(tmp_path / "bad.extxyz")
 
 
 def test_pymatgen_structures_and_molecules():

@@ -53,3 +53,24 @@ def test_a_file_without_the_rmd17_keys_is_refused(tmp_path):
     np.savez(tmp_path / "other.npz", R=np.zeros((1, 3, 3)))
     with pytest.raises(DataError, match="not an rMD17 file"):
         read_frames(tmp_path / "other.npz")
+
+
+def test_read_structures_reads_npz_with_labels_and_index(tmp_path):
+    from ase_race.data import read_structures
+
+    coords, energies, forces = fake_rmd17(tmp_path / "w.npz", n=5)
+    every = read_structures(tmp_path / "w.npz")
+    assert len(every) == 5 and every[0].get_chemical_formula() == "H2O"
+    np.testing.assert_allclose(every[3].arrays["REF_forces"], forces[3] * kcal / mol, rtol=1e-14)
+    picked = read_structures(tmp_path / "w.npz", index="1::2")
+    assert [a.info["REF_energy"] for a in picked] == [every[1].info["REF_energy"], every[3].info["REF_energy"]]
+    (last,) = read_structures(tmp_path / "w.npz", index=-1, labels=False)
+    np.testing.assert_array_equal(last.positions, coords[4])
+    assert "REF_energy" not in last.info and "REF_forces" not in last.arrays
+    with pytest.raises(DataError, match=r"w.npz: no frames selected by index '9:'"):
+        read_structures(tmp_path / "w.npz", index="9:")
+    with pytest.raises(DataError, match=r"w.npz: cannot be read as an rMD17 .npz file \(IndexError"):
+        read_structures(tmp_path / "w.npz", index=7)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match=r"junk.npz: cannot be read as an rMD17"):
+        read_structures(tmp_path / "junk.npz")

@@ -118,10 +118,13 @@ def add_fallback_arguments(p) -> None:
 
 
 def load_structure(path: str | None):
+    """The last frame of ``path`` (any file ase.io reads, or an rMD17 .npz) without its labels,
+    which would be stale after the first step; ethanol when no file is given."""
     from ase.build import molecule
-    from ase.io import read
 
-    return read(path) if path else molecule("CH3CH2OH")
+    from ..data import read_structures
+
+    return read_structures(path, index=-1, labels=False)[0] if path else molecule("CH3CH2OH")
 
 
 def run(args) -> int:

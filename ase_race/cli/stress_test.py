@@ -7,22 +7,28 @@ import logging
 import sys
 from pathlib import Path
 
+from .predict import add_device_options
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("stress-test", help="score σ on pulled bonds, atom pairs, normal-mode scans and hot MD")
     p.add_argument("model", help="model file or shipped model name")
-    p.add_argument("--structure", default="CH3CH2OH", help="molecule: a file ase.io reads, or a name ase.build.molecule knows")
+    p.add_argument("--structure", default="CH3CH2OH",
+                   help="molecule: a file ase.io reads or an rMD17 .npz (its last frame), or a name ase.build.molecule knows")
     p.add_argument("--reference", choices=("pyscf", "tblite", "emt"), required=True,
                    help="labels: pyscf (PBE/def2-SVP, the rMD17 level; spin set per structure), tblite (GFN2-xTB), emt")
-    p.add_argument("--in-distribution", help="labelled frames like the training data (negatives for AUROC)")
+    p.add_argument("--in-distribution",
+                   help="labelled frames like the training data (negatives for AUROC; any file ase.io reads, or an rMD17 .npz)")
     p.add_argument("--md-frames", type=int, default=20, help="frames of each MD run (default 20)")
     p.add_argument("--hot-temperature", type=float, default=1200.0, help="K of the hot MD (default 1200)")
     p.add_argument("--max-distance", type=float, default=6.0, help="Å a bond is pulled to (default 6)")
     p.add_argument("--driver", help="model that relaxes the molecule, runs the MD and gives the normal modes "
-                   "(default MODEL; the same driver gives several models the same probes and labels)")
+                   "(default MODEL; the same driver gives several models the same probes and labels; "
+                   "it runs on --device in its own precision, whatever --dtype says)")
     p.add_argument("--no-relax", action="store_true", help="probe the structure as given (default: relax it with the driver first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", default="race_stress_test", help="folder for the table, JSON, PNG and label cache")
+    add_device_options(p)
     p.set_defaults(run=run)
 
 
@@ -54,19 +60,23 @@ def reference_factory(name: str):
 
 def run(args) -> int:
     from ase.build import molecule
-    from ase.io import read
 
     from ..calculator import RACECalculator
+    from ..data import read_structures
     from ..stress import format_report, stress_test, write_report
 
     references = reference_factory(args.reference)  # a missing package stops here, before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    structure = read(args.structure) if Path(args.structure).exists() else molecule(args.structure)
-    in_distribution = read(args.in_distribution, ":") if args.in_distribution else None
+    if Path(args.structure).exists():
+        structure = read_structures(args.structure, index=-1, labels=False)[0]
+    else:
+        structure = molecule(args.structure)
+    in_distribution = read_structures(args.in_distribution) if args.in_distribution else None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    calc = RACECalculator(args.model)
-    driver = RACECalculator(args.driver) if args.driver else None
+    calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
+    # the driver keeps its own precision: several models tested with one driver see the same probes
+    driver = RACECalculator(args.driver, device=args.device) if args.driver else None
     report, scored = stress_test(
         calc, structure, references, in_distribution=in_distribution,
         cache=out / f"labels_{args.reference}.extxyz", n_md=args.md_frames, hot_temperature=args.hot_temperature,

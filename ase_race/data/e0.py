@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -30,11 +31,29 @@ def isolated_atom_e0s(frames: Sequence[Frame], species: Sequence[int], every_sin
 
 
 def fit_e0s(frames: Sequence[Frame], species: Sequence[int]) -> dict[int, float]:
-    """Least-squares E0s: E ≈ Σ_Z count_Z · E0(Z) over the frames (minimum-norm solution when
-    the composition does not determine every E0, e.g. one molecule type)."""
+    """Least-squares E0s: E ≈ Σ_Z count_Z · E0(Z) over the frames.
+
+    When the compositions do not determine every E0 (the count matrix has rank below the
+    number of species, e.g. every frame is the same molecule) the minimum-norm solution is
+    returned, one arbitrary split of the energy among the elements, and a ``UserWarning`` says
+    so and points to isolated-atom E0s (:func:`isolated_atom_e0s`).
+    """
     counts = np.array([[np.count_nonzero(f.atoms.numbers == z) for z in species] for f in frames], float)
     energies = np.array([f.energy for f in frames])
-    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    solution, _, rank, _ = np.linalg.lstsq(counts, energies, rcond=None)
+    if rank < len(species):
+        formulas = sorted({f.atoms.get_chemical_formula() for f in frames})
+        shown = ", ".join(formulas[:3]) + (", ..." if len(formulas) > 3 else "")
+        warnings.warn(
+            f"fitted E0s are not determined by the data: the {len(frames)} frames have {len(formulas)} "
+            f"composition(s) ({shown}), which fix only {rank} combination(s) of the {len(species)} "
+            "per-element E0s, so the least-squares E0s split the energy among the elements arbitrarily "
+            "(minimum-norm solution). Use isolated-atom energies instead: e0s: isolated in the training "
+            "config, with IsolatedAtom frames (config_type=IsolatedAtom) in the training data or in an "
+            "e0s_file (for rMD17: isolated_atoms_PBE_def2-SVP.xyz), or give e0s as a mapping element → eV",
+            UserWarning,
+            stacklevel=2,
+        )
     return {z: float(e) for z, e in zip(species, solution)}
 
 

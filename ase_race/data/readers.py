@@ -120,6 +120,62 @@ def frame_from_atoms(
     )
 
 
+def _is_rmd17(path: Path, format: str | None) -> bool:
+    return format == "rmd17" or (format is None and path.suffix == ".npz")
+
+
+def read_structures(
+    path: str | Path,
+    index: str | int | slice = ":",
+    format: str | None = None,
+    labels: bool = True,
+) -> list[Atoms]:
+    """The selected structures of ``path`` as a list of ``ase.Atoms`` (one frame is a list of one).
+
+    ``path`` is anything ``ase.io`` reads, or an rMD17 ``.npz`` file (``format="rmd17"`` for
+    another suffix), read by :func:`ase_race.data.rmd17.read_rmd17_atoms`. ``index`` selects as
+    in :func:`ase.io.read` (``":"``, ``"::5"``, ``-1``, a slice), for ``.npz`` files too.
+
+    Labels stay where the file put them: what ASE attached on reading (a
+    ``SinglePointCalculator``: extxyz ``energy=``/``forces``, traj, db) and the info/arrays keys;
+    an rMD17 file gives ``info["REF_energy"]`` (eV) and ``arrays["REF_forces"]`` (eV/Å), the
+    default :class:`KeyMap`. ``labels=False`` drops both (the calculator and the default
+    ``REF_*`` keys): a starting structure for MD or a relaxation, whose labels would be stale
+    after the first step.
+
+    Raises :class:`DataError` naming ``path`` when it does not exist, cannot be read, or the
+    selection is empty.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if _is_rmd17(path, format):
+        from .rmd17 import read_rmd17_atoms
+
+        try:
+            images = read_rmd17_atoms(path, index)
+        except DataError:
+            raise
+        except Exception as error:  # not a zip/npz file, a bad index, ...
+            raise DataError(f"{path}: cannot be read as an rMD17 .npz file ({type(error).__name__}: {error})") from error
+    else:
+        try:
+            images = read(path, index=index, format=format)
+        except Exception as error:  # ase.io raises format-specific errors (XYZError, ...) without the path
+            raise DataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
+    images = images if isinstance(images, list) else [images]
+    if not images:
+        raise DataError(f"{path}: no frames selected by index {index!r}")
+    if not labels:
+        keys = KeyMap()
+        for atoms in images:
+            atoms.calc = None
+            for key in (keys.energy, keys.stress):
+                atoms.info.pop(key, None)
+            atoms.arrays.pop(keys.forces, None)
+    return images
+
+
 def read_frames(
     path: str | Path,
     index: str = ":",
@@ -127,25 +183,15 @@ def read_frames(
     require: Sequence[str] = ("energy", "forces"),
     format: str | None = None,
 ) -> list[Frame]:
-    """Read every selected frame of ``path`` (extxyz, traj, db, … : anything ``ase.io`` reads;
-    an rMD17 ``.npz`` file through :func:`ase_race.data.rmd17.read_rmd17`, labels in eV and eV/Å)."""
+    """The labels of every selected frame of ``path``, read by :func:`read_structures`
+    (extxyz, traj, db, … : anything ``ase.io`` reads; an rMD17 ``.npz`` file, labels in eV and
+    eV/Å under its own fixed keys)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file")
-    if path.suffix == ".npz" and format is None:
-        from .rmd17 import read_rmd17
-
-        frames = read_rmd17(path, index)
-        if not frames:
-            raise DataError(f"{path}: no frames selected by index {index!r}")
-        return frames
-    try:
-        images = read(path, index=index, format=format)
-    except Exception as error:  # ase.io raises format-specific errors (XYZError, ...) without the path
-        raise DataError(f"{path}: cannot be read ({type(error).__name__}: {error})") from error
-    images = images if isinstance(images, list) else [images]
-    if not images:
-        raise DataError(f"{path}: no frames selected by index {index!r}")
+    if _is_rmd17(path, format):  # its labels have fixed names, whatever ``keys`` says
+        keys = KeyMap()
+    images = read_structures(path, index, format)
     return [frame_from_atoms(a, keys, require, f"{path}: frame {i}") for i, a in enumerate(images)]
 
 

@@ -3,8 +3,9 @@
 Each file holds ``nuclear_charges`` (n,), ``coords`` (N, n, 3) in Å, ``energies`` (N,) in
 kcal/mol and ``forces`` (N, n, 3) in kcal/mol/Å (forces, not gradients); ``old_energies`` /
 ``old_forces`` (the noisy original MD17 labels) are ignored. Labels are converted with
-1 kcal/mol = ``KCAL_MOL`` eV. :func:`~ase_race.data.read_frames` reads ``.npz`` files through
-:func:`read_rmd17`; :func:`convert` writes a molecule's train and test files as extxyz with
+1 kcal/mol = ``KCAL_MOL`` eV. :func:`~ase_race.data.read_structures` (and so
+:func:`~ase_race.data.read_frames` and every command that reads structures) reads ``.npz``
+files through :func:`read_rmd17_atoms`; :func:`convert` writes a molecule's train and test files as extxyz with
 ``REF_energy`` / ``REF_forces``, the form the recipes in recipes/ read.
 """
 
