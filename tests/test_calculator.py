@@ -153,3 +153,44 @@ def test_store_uncertainties_follows_the_atoms(posterior64, ethanol):
     ethanol.positions[0] += 0.2
     store_uncertainties(ethanol)  # evaluates the moved atoms instead of copying stale numbers
     assert ethanol.info["race_energy_std"] == ethanol.calc.results["energy_std"] != first
+
+
+def test_one_calculator_shared_by_four_threads_gives_each_its_own_answers(posterior64):
+    """Each thread asks for the forces of its own molecule; a calculate() of another thread
+    between ASE's state check and its read of the results would hand it the wrong forces."""
+    import threading
+
+    from ase.build import molecule
+
+    calc = RACECalculator(posterior64, device="cpu")
+    names = ("CH3CH2OH", "CH4", "H2O", "CH3OH")
+    systems = []
+    for k, name in enumerate(names):
+        atoms = molecule(name)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = calc
+        systems.append((atoms, atoms.get_forces().copy(), atoms.get_potential_energy()))
+    wrong, errors = [], []
+
+    def work(k):
+        atoms, forces, energy = systems[k]
+        rng = np.random.default_rng(k)
+        try:
+            for _ in range(25):
+                # move the atoms a little and back, so every call is a fresh evaluation
+                delta = rng.normal(scale=1e-3, size=atoms.positions.shape)
+                atoms.positions += delta
+                moved = atoms.get_forces()
+                atoms.positions -= delta
+                got, e = atoms.get_forces(), atoms.get_potential_energy()
+                if moved.shape != forces.shape or not np.allclose(got, forces, atol=1e-9) or abs(e - energy) > 1e-9:
+                    wrong.append(k)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(systems))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong

@@ -41,6 +41,16 @@ def test_require_passes_when_installed():
     assert extras.available("pymatgen")
 
 
+def test_pymatgen_readers_say_how_to_install_pymatgen(without, tmp_path):
+    from ase_race.data import frames_from_pymatgen, read_vasprun
+
+    without("pymatgen")
+    with pytest.raises(extras.MissingDependency, match=re.escape("pip install 'ase-race[pymatgen]'")):
+        frames_from_pymatgen([])
+    with pytest.raises(extras.MissingDependency, match="vasprun.xml"):
+        read_vasprun(tmp_path / "vasprun.xml")
+
+
 def test_laplace_over_all_weights_stops_before_reading_data(without, tmp_path):
     without("laplace")
     config = TrainConfig.from_dict({"method": "laplace", "train_file": str(tmp_path / "absent.extxyz"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -76,6 +77,12 @@ class RACECalculator(Calculator):
         edge_chunk: structures with more edges than this (about 300 atoms of a liquid at
             r_c = 5 Å) are evaluated in edge chunks with activation checkpointing: the same
             numbers with bounded memory, at some extra time; ``None`` turns chunking off.
+
+    One calculator may be shared by several threads: :meth:`get_property` (behind every
+    ``atoms.get_*``) holds a lock from the state check to the returned copy, so a thread never
+    reads the results of another thread's structure. The threads then take turns; for parallel
+    evaluation give each thread its own calculator. ``calc.results`` read directly is whatever
+    the last evaluation left.
     """
 
     implemented_properties = (
@@ -123,6 +130,22 @@ class RACECalculator(Calculator):
         self.neighbours = NeighbourCache(self.posterior.config.r_max, skin)
         #: number of network evaluations (one per calculate())
         self.n_evaluations = 0
+        self._lock = threading.RLock()
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        # ASE checks the state, calculates and reads self.results in three steps; another thread's
+        # calculate() in between would hand this one its forces.
+        with self._lock:
+            return super().get_property(name, atoms, allow_calculation)
+
+    def __getstate__(self):  # a lock does not copy or pickle; each copy gets its own
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     @property
     def species(self) -> tuple[int, ...]:

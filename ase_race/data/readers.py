@@ -198,6 +198,9 @@ def read_frames(
 def frames_from_pymatgen(structures: Iterable, energies=None, forces=None, stresses=None) -> list[Frame]:
     """Frames from pymatgen ``Structure``/``Molecule`` objects and label sequences (eV, eV/Å,
     eV/Å³ in ASE's sign)."""
+    from ..extras import require
+
+    require("pymatgen", "frames_from_pymatgen")
     from pymatgen.io.ase import AseAtomsAdaptor
 
     frames = []
@@ -225,6 +228,10 @@ def read_vasprun(path: str | Path) -> list[Frame]:
     ASE's convention (positive = tensile).
     """
     from ase.units import GPa
+
+    from ..extras import require
+
+    require("pymatgen", f"reading {path}")
     from pymatgen.io.vasp import Vasprun
 
     run = Vasprun(str(path), parse_dos=False, parse_eigen=False, parse_potcar_file=False)
