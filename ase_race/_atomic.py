@@ -1,10 +1,14 @@
 """Atomic file writes: a reader sees the old file or the new one, never a half-written one.
 
-Every write goes to a temporary file in the target's folder (hidden: ``.<name>.<random>.tmp``),
-is flushed and fsynced, gets the permissions of the file it replaces (0644 for a new file),
-and is renamed over the target with :func:`os.replace`, which is atomic on one file system.
-If the writer raises, the temporary file is removed and the old file is left as it was.
-Concurrent writers to one path do not corrupt it: the last rename wins, whole.
+Every write goes to a temporary file in the target's folder (hidden:
+``.<name>.<host>.<pid>.<random>.tmp``), is flushed and fsynced, gets the permissions of the
+file it replaces (0644 for a new file), and is renamed over the target with :func:`os.replace`,
+which is atomic on one file system. If the writer raises, the temporary file is removed and the
+old file is left as it was. Concurrent writers to one path do not corrupt it: the last rename
+wins, whole. A writer killed mid-write (SIGKILL, power loss) cannot remove its temporary file;
+the next write to the same path removes those left by processes of this host that no longer
+run. Temporary files of other hosts (a shared file system) are left alone: whether their
+writer still runs cannot be known from here.
 
 A leaf module: the standard library only (torch is imported inside :func:`atomic_torch_save`).
 """
@@ -12,6 +16,7 @@ A leaf module: the standard library only (torch is imported inside :func:`atomic
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -26,7 +31,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -44,6 +50,49 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             os.unlink(tmp)
         raise
     return path
+
+
+def _host() -> str:
+    """This host's name as it appears in temporary file names (no dots, no separators)."""
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname()) or "host"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def remove_orphans(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of killed writers to ``path`` (this host only); return them.
+
+    A name is ``.<name>.<host>.<pid>.<random>.tmp`` with ``<random>`` free of dots, so it is read
+    from the right: a file of another target whose name extends this one's (``a`` and ``a.b``)
+    parses to another host and is never touched.
+    """
+    path = Path(path)
+    prefix, host, removed = f".{path.name}.", _host(), []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    for candidate in candidates:
+        parts = candidate.name[len(prefix):].rsplit(".", 3)
+        if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _running(pid):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except OSError:  # removed by another writer meanwhile, or not ours to remove
+            pass
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -65,3 +65,27 @@ def test_modelfile_re_exports_the_writers():
 
     assert modelfile.atomic_torch_save is _atomic.atomic_torch_save
     assert modelfile.atomic_write_text is _atomic.atomic_write_text
+
+
+def test_temporary_names_carry_host_and_pid_and_orphans_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from ase_race._atomic import _host, remove_orphans
+
+    path = tmp_path / "frames.extxyz"
+    seen = []
+    atomic_write(path, lambda handle: seen.extend(p.name for p in tmp_path.iterdir()))
+    assert len(seen) == 1 and seen[0].startswith(f".frames.extxyz.{_host()}.{os.getpid()}.")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    orphan = tmp_path / f".frames.extxyz.{_host()}.{dead_pid}.k3j_x9.tmp"
+    alive = tmp_path / f".frames.extxyz.{_host()}.{os.getppid()}.a1b2c3.tmp"  # a writer still running
+    foreign = tmp_path / f".frames.extxyz.otherhost.{dead_pid}.a1b2c3.tmp"  # cannot tell: left alone
+    longer = tmp_path / f".frames.extxyz.b.{_host()}.{dead_pid}.a1b2c3.tmp"  # belongs to "frames.extxyz.b"
+    for p in (orphan, alive, foreign, longer):
+        p.write_bytes(b"half a frame")
+    atomic_write_bytes(path, b"whole\n")
+    assert not orphan.exists() and alive.exists() and foreign.exists() and longer.exists()
+    assert path.read_bytes() == b"whole\n"
+    assert remove_orphans(tmp_path / "frames.extxyz.b") == [longer]

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,11 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.io import read, write
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent writers then race as before
+    fcntl = None
 
 from .. import _keys as K
 from .._atomic import atomic_write_bytes
@@ -33,13 +39,32 @@ POLICIES = ("model", "retry", "stop")
 
 
 def structure_key(atoms: Atoms) -> str:
-    """A fingerprint of numbers, positions (to 1e-6 Å), cell and pbc, for de-duplication."""
+    """A fingerprint of numbers, positions (to 1e-6 Å), cell and pbc, written with each frame.
+
+    For people and other tools; :class:`LabelledFrames` matches structures by distance, since
+    two positions a hair apart can round to different keys.
+    """
     h = hashlib.sha256()
     h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
     h.update(np.round(np.asarray(atoms.positions, dtype=np.float64), 6).tobytes())
     h.update(np.round(np.asarray(atoms.cell[:], dtype=np.float64), 6).tobytes())
     h.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
     return h.hexdigest()
+
+
+def _bucket(numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bytes:
+    """What two matching structures share exactly: species in order, cell to 1e-4 Å, pbc."""
+    return (np.asarray(numbers, dtype=np.int64).tobytes() + np.round(np.asarray(cell, dtype=np.float64), 4).tobytes()
+            + np.asarray(pbc, dtype=bool).tobytes())
+
+
+def _pack(*arrays) -> str:
+    """float64 values as hex (little-endian), ``h``-prefixed so extxyz never reads a number."""
+    return "h" + np.concatenate([np.ravel(np.asarray(a, dtype="<f8")) for a in arrays]).tobytes().hex()
+
+
+def _unpack(text: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(text[1:]), dtype="<f8").copy()
 
 
 def reference_fingerprint(calc) -> str:
@@ -57,64 +82,171 @@ def reference_fingerprint(calc) -> str:
 
 
 class LabelledFrames:
-    """An extxyz dataset that only ever grows by whole frames.
+    """An extxyz dataset that only ever grows by whole frames, shared safely between writers.
 
-    Each append writes the old content plus the new frame to a temporary file in the same
-    folder, fsyncs it and renames it over the dataset (:mod:`ase_race._atomic`): a crash leaves
-    either the old or the new file, never a truncated frame. There is no lock: two processes
-    appending to one file at the same moment each write a whole file, and the later rename
-    wins, so give concurrent runs their own dataset files. Frames already present (same :func:`structure_key`) are not
-    written again, so a restarted run does not duplicate them, and their reference labels can
-    be looked up (:meth:`label`) instead of being computed again.
+    **Exact.** extxyz keeps 8 decimals; each frame also carries its positions and its reference
+    labels (``REF_energy``, ``REF_forces``) as exact float64 (hex, info key ``race_exact``), and
+    those are what :meth:`label` returns: a restarted run that reuses a label gets the same bits
+    the reference gave, so its trajectory retraces the original one exactly.
+
+    **Matched by distance.** A structure is "already there" when a stored frame has the same
+    species in the same order, the same cell and pbc, and positions within ``tolerance`` Å
+    (max over components; default 1e-6 Å, far below any MD step). That holds for frames written
+    without the exact record too (8 decimals are 5e-9 Å).
+
+    **Safe to share.** An append takes an exclusive lock on the hidden file ``.<dataset>.lock``
+    (``fcntl.flock``: processes on one host, and NFS clients where the server supports it; the
+    file stays, as removing a lock file races with its next user), reads what other
+    writers appended since this process last looked, skips the frame if one of them already
+    stored it, and writes old content plus the new frame to a temporary file renamed over the
+    dataset (:mod:`ase_race._atomic`): a crash leaves the old or the new file, never a truncated
+    frame, and no writer's frame is lost.
+
+    **A failed write loses nothing.** If writing fails (a full disk), the temporary file is
+    removed, the frame is kept in :attr:`pending` and the error is raised; the next append, or
+    :meth:`flush`, writes the pending frames first.
     """
 
     KEY = "race_structure_key"
+    EXACT = "race_exact"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, tolerance: float = 1e-6):
         self.path = Path(path)
-        self._keys: set[str] = set()
-        self._labels: dict[str, tuple[float, np.ndarray, str]] = {}
-        if self.path.exists() and self.path.stat().st_size:
-            # The key stored with each frame, not one recomputed from the file: extxyz keeps
-            # positions to 8 decimals, which can round differently from the original.
-            for atoms in read(self.path, ":", format="extxyz"):
-                key = str(atoms.info.get(self.KEY, structure_key(atoms)))
-                self._keys.add(key)
-                self._remember(key, atoms)
+        if self.path.is_dir():
+            raise RaceError(f"fallback dataset {self.path} is a directory, not a file")
+        self.lock_path = self.path.with_name(f".{self.path.name}.lock")
+        self.tolerance = float(tolerance)
+        self.pending: list[Atoms] = []
+        self._groups: dict[bytes, list[tuple[np.ndarray, tuple[float, np.ndarray, str] | None]]] = {}
+        self._count = 0
+        self._read_upto = 0  # bytes of the file already indexed
+        self._signature = None  # (inode, size, mtime) of the file as last indexed
+        self._refresh()
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._count + len(self.pending)
 
     def __contains__(self, atoms: Atoms) -> bool:
-        return structure_key(atoms) in self._keys
+        return self._find(atoms) is not None or any(self._same(atoms, p) for p in self.pending)
 
     def label(self, atoms: Atoms, reference: str) -> tuple[float, np.ndarray] | None:
-        """The stored (energy, forces) of this exact structure from the reference with
-        fingerprint ``reference`` (:func:`reference_fingerprint`), or None."""
-        found = self._labels.get(structure_key(atoms))
-        if found is None or found[2] != reference:
+        """The stored (energy, forces) of this structure from the reference with fingerprint
+        ``reference`` (:func:`reference_fingerprint`), or None: exact copies, ready to use."""
+        self._refresh()
+        found = self._find(atoms)
+        if found is None or found[1] is None or found[1][2] != reference:
             return None
-        return found[0], found[1].copy()
-
-    def _remember(self, key: str, atoms: Atoms) -> None:
-        if "REF_energy" in atoms.info and "REF_forces" in atoms.arrays:
-            self._labels[key] = (float(atoms.info["REF_energy"]), np.array(atoms.arrays["REF_forces"], dtype=np.float64),
-                                 str(atoms.info.get("fallback_reference", "")))
+        energy, forces, _ = found[1]
+        return energy, forces.copy()
 
     def append(self, atoms: Atoms) -> bool:
-        """Append ``atoms`` (with its info/arrays); False if it is already there."""
-        key = structure_key(atoms)
-        if key in self._keys:
+        """Append ``atoms`` (with its info/arrays); False if it is already there.
+
+        Raises the ``OSError`` of a failed write, with the frame kept in :attr:`pending`.
+        """
+        if atoms in self:
             return False
         atoms = atoms.copy()
-        atoms.info[self.KEY] = key
-        buffer = io.StringIO()
-        write(buffer, atoms, format="extxyz")
-        old = self.path.read_bytes() if self.path.exists() else b""
-        atomic_write_bytes(self.path, old + buffer.getvalue().encode())
-        self._keys.add(key)
-        self._remember(key, atoms)
+        self.pending.append(atoms)
+        self.flush()
         return True
+
+    def flush(self) -> None:
+        """Write the :attr:`pending` frames (under the lock); raise ``OSError`` if that fails."""
+        if not self.pending:
+            return
+        with self._locked():
+            self._refresh()
+            frames = [f for f in self.pending if self._find(f) is None]  # another writer may have stored one
+            buffer = io.StringIO()
+            for frame in frames:
+                write(buffer, self._with_exact(frame), format="extxyz")
+            if frames:
+                old = self.path.read_bytes() if self.path.exists() else b""
+                atomic_write_bytes(self.path, old + buffer.getvalue().encode())
+            self.pending = []
+            self._refresh()
+
+    @contextmanager
+    def _locked(self):
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as handle:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _with_exact(self, atoms: Atoms) -> Atoms:
+        frame = atoms.copy()
+        frame.info[self.KEY] = structure_key(atoms)
+        if "REF_energy" in frame.info and "REF_forces" in frame.arrays:
+            frame.info[self.EXACT] = _pack(atoms.positions, [frame.info["REF_energy"]], frame.arrays["REF_forces"])
+        else:
+            frame.info[self.EXACT] = _pack(atoms.positions)
+        return frame
+
+    def _refresh(self) -> None:
+        """Index the frames appended to the file since it was last read (by anyone)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            if self._signature is not None:  # removed under us: start over
+                self._reset()
+            return
+        signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if signature == self._signature:
+            return
+        data = self.path.read_bytes()
+        if len(data) < self._read_upto:  # not an append of what was read: index it anew
+            self._reset()
+        new = data[self._read_upto:]
+        if new.strip():
+            try:
+                frames = read(io.StringIO(new.decode()), ":", format="extxyz")
+            except Exception as error:
+                raise RaceError(f"fallback dataset {self.path} cannot be read as extxyz "
+                                f"(after byte {self._read_upto}): {error}") from error
+            for index, frame in enumerate(frames):
+                self._index(frame, index)
+        self._read_upto, self._signature = len(data), signature
+
+    def _reset(self) -> None:
+        self._groups, self._count, self._read_upto, self._signature = {}, 0, 0, None
+
+    def _index(self, frame: Atoms, index: int) -> None:
+        positions = np.array(frame.positions, dtype=np.float64)
+        label = None
+        exact = frame.info.get(self.EXACT)
+        n = 3 * len(frame)
+        if isinstance(exact, str) and exact.startswith("h"):
+            values = _unpack(exact)
+            if values.size in (n, 2 * n + 1):
+                positions = values[:n].reshape(-1, 3)
+                if values.size == 2 * n + 1:
+                    label = (float(values[n]), values[n + 1:].reshape(-1, 3))
+        if label is None and "REF_energy" in frame.info and "REF_forces" in frame.arrays:
+            label = (float(frame.info["REF_energy"]), np.array(frame.arrays["REF_forces"], dtype=np.float64))
+        if label is not None:
+            label = (*label, str(frame.info.get("fallback_reference", "")))
+        key = _bucket(frame.numbers, frame.cell[:], frame.pbc)
+        self._groups.setdefault(key, []).append((positions, label))
+        self._count += 1
+
+    def _find(self, atoms: Atoms):
+        """The stored (positions, label) matching ``atoms`` within the tolerance, or None."""
+        group = self._groups.get(_bucket(atoms.numbers, atoms.cell[:], atoms.pbc), ())
+        positions = np.asarray(atoms.positions, dtype=np.float64)
+        for entry in reversed(group):  # a restart retraces the latest frames most often
+            if np.abs(entry[0] - positions).max(initial=0.0) <= self.tolerance:
+                return entry
+        return None
+
+    def _same(self, a: Atoms, b: Atoms) -> bool:
+        return (_bucket(a.numbers, a.cell[:], a.pbc) == _bucket(b.numbers, b.cell[:], b.pbc)
+                and np.abs(a.positions - b.positions).max(initial=0.0) <= self.tolerance)
 
 
 @dataclass
@@ -157,6 +289,20 @@ class FallbackCalculator(Calculator):
             it receives the model's current :class:`~ase_race.modelfile.ModelBundle` (posterior
             and calibration) and the list of collected ``ase.Atoms`` (with
             ``REF_energy``/``REF_forces``), and returns the bundle to continue with.
+        energy_tolerance: eV/atom. At the first reference energy of the run, ``|E_ref −
+            E_model| / N`` above this raises :class:`RaceError` before anything is stored: the
+            two are not on one energy scale (another level of theory, such as xTB against a PBE
+            model, or other reference energies of the isolated atoms), and mixing them would
+            make the trajectory jump and the collected labels useless for this model. The
+            default of 1 eV/atom is far above any model's error on its own level of theory
+            and far below the gap between methods (xTB and PBE differ by hundreds of eV per
+            atom). None: no check.
+
+    A reference that is missing its package (``ImportError``) is a setup error, raised at the
+    first call whatever ``on_failure`` says; a non-finite reference result is a failed call,
+    never a label. A dataset write that fails (a full disk) is logged, counted
+    (``n_write_failures``) and kept in memory to be written with the next frame or by
+    ``frames.flush()``; with ``on_failure="stop"`` it raises :class:`RaceError`.
 
     Results are the model's properties, with ``energy``, ``free_energy`` and ``forces`` replaced
     by the reference's on reference steps; ``fallback_used`` (bool) says which.
@@ -175,6 +321,7 @@ class FallbackCalculator(Calculator):
         retries: int = 1,
         retrain_every: int = 0,
         retrain=None,
+        energy_tolerance: float | None = 1.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -203,6 +350,9 @@ class FallbackCalculator(Calculator):
         self.n_reference = 0  # successful reference calls (including labels reused from the dataset)
         self.n_reused = 0  # of those, labels of structures already in the dataset (a restarted run)
         self.n_failures = 0
+        self.n_write_failures = 0  # dataset appends that failed (their frames wait in frames.pending)
+        self.energy_tolerance = None if energy_tolerance is None else float(energy_tolerance)
+        self._scale_checked = self.energy_tolerance is None
         self.last_reference_call: int | None = None
         #: (call index, quantity value, what happened) for every step above the threshold
         self.events: list[tuple[int, float, str]] = []
@@ -242,6 +392,8 @@ class FallbackCalculator(Calculator):
         stored = self.frames.label(atoms, self._reference_id) if self.frames is not None else None
         try:
             energy, forces = stored if stored is not None else self._call_reference(atoms)
+        except ImportError:
+            raise  # a missing package is not a failed calculation: no policy retries it
         except Exception as error:  # every attempt failed; the policy decides
             self.last_reference_call = self.n_calls  # do not hammer a failing reference
             if self.on_failure == "stop":
@@ -255,6 +407,7 @@ class FallbackCalculator(Calculator):
             self.n_reused += 1
         self.last_reference_call = self.n_calls
         model_energy = results.get(K.ENERGY, math.nan)
+        self._check_energy_scale(energy, model_energy, len(atoms))
         model_forces = np.array(results.get(K.FORCES, np.full((len(atoms), 3), math.nan)))
         results.update({K.ENERGY: energy, K.FREE_ENERGY: energy, K.FORCES: forces, "fallback_used": True})
         self._record(atoms, energy, forces, f"{self.quantity}>{self.threshold:g}", value, model_energy, model_forces)
@@ -273,6 +426,8 @@ class FallbackCalculator(Calculator):
                     raise ValueError("the reference returned a non-finite energy or forces")  # never a label
                 self.n_reference += 1
                 return energy, forces
+            except ImportError:
+                raise
             except Exception as exc:  # any reference failure is handled by the policy
                 self.n_failures += 1
                 log.warning("reference calculation failed (%s: %s)", type(exc).__name__, exc)
@@ -288,7 +443,15 @@ class FallbackCalculator(Calculator):
                                "fallback_reference": self._reference_id})
             frame.arrays["REF_forces"] = forces
             frame.arrays["race_forces"] = model_forces  # what the model predicted: its error there
-            self.frames.append(frame)
+            try:
+                self.frames.append(frame)
+            except OSError as error:
+                self.n_write_failures += 1
+                if self.on_failure == "stop":
+                    raise RaceError(f"could not write the reference frame of call {self.n_calls} to "
+                                    f"{self.frames.path}: {error}") from error
+                log.warning("could not write to %s (%s); %d frame(s) kept in memory, written with the next one",
+                            self.frames.path, error, len(self.frames.pending))
         labelled = atoms.copy()
         labelled.info["REF_energy"] = energy
         labelled.arrays["REF_forces"] = forces
@@ -312,14 +475,31 @@ class FallbackCalculator(Calculator):
         value = float(self.model.results[self.quantity])
         try:
             energy, forces = self._call_reference(atoms)
+        except ImportError:
+            raise
         except Exception as error:
             raise RaceError(f"the reference calculator failed while verifying the final geometry: {error}") from error
+        self._check_energy_scale(energy, model_energy, len(atoms))
         self._record(atoms, energy, forces, "verify", value, model_energy, model_forces)
         ref_fmax = float(np.sqrt((forces**2).sum(axis=1)).max())
         return Verification(
             reference_energy=energy, model_energy=model_energy, reference_fmax=ref_fmax,
             max_force_error=float(np.abs(model_forces - forces).max()), converged=ref_fmax <= fmax,
         )
+
+    def _check_energy_scale(self, reference_energy: float, model_energy: float, n_atoms: int) -> None:
+        """Refuse a reference on another energy scale than the model (see ``energy_tolerance``)."""
+        if self._scale_checked or not math.isfinite(model_energy) or n_atoms == 0:
+            return
+        gap = abs(reference_energy - model_energy) / n_atoms
+        if gap > self.energy_tolerance:
+            raise RaceError(
+                f"the reference ({type(self.reference).__name__}) gives {reference_energy:.4f} eV where the model gives "
+                f"{model_energy:.4f} eV for {n_atoms} atoms: {gap:.3g} eV/atom apart, more than the tolerance of "
+                f"{self.energy_tolerance:g} eV/atom. They are not on one energy scale (another level of theory, or other "
+                f"isolated-atom energies); use the reference the model was trained on, or raise the tolerance "
+                f"(energy_tolerance, --fallback-energy-tolerance) if the offset is intended")
+        self._scale_checked = True
 
     def _retrain(self) -> None:
         """Swap in the model returned by ``retrain`` (the model calculator keeps its settings).

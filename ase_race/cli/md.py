@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
+
+from .predict import add_device_options
 
 DEFAULT_MODEL = "ethanol-novelty"
 
 
 def _pyscf():
+    from ..extras import require
+
+    require("pyscf", "--fallback pyscf")
     from ..calculator.pyscf_ref import PySCFCalculator
 
     return PySCFCalculator()
@@ -29,6 +35,9 @@ def _emt():
 
 
 def _tblite():
+    from ..extras import require
+
+    require("tblite", "--fallback tblite")
     from tblite.ase import TBLite
 
     return TBLite(method="GFN2-xTB", verbosity=0)
@@ -38,14 +47,41 @@ def _tblite():
 REFERENCES = {"pyscf": _pyscf, "emt": _emt, "tblite": _tblite}
 
 
+def fallback_dataset(args) -> Path | None:
+    """Where --fallback collects its reference frames (None without --fallback)."""
+    if getattr(args, "fallback", None) is None:
+        return None
+    return Path(args.fallback_dataset or Path(args.output) / "fallback.extxyz")
+
+
+def check_outputs(*paths) -> None:
+    """Refuse, before the first step, an output path that cannot be written: a folder that
+    cannot be created (a file is in the way), an existing folder where a file goes, or no
+    write permission. Missing parent folders are created."""
+    from ..errors import RaceError
+
+    for path in (Path(p) for p in paths if p is not None):
+        if path.is_dir():
+            raise RaceError(f"output {path} is a directory; a file is written there")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RaceError(f"cannot create the folder of output {path}: {error}") from error
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise RaceError(f"no permission to write output {path} in {path.parent}")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise RaceError(f"no permission to write output {path}")
+
+
 def make_calculator(args):
     """The RACE calculator, wrapped in a FallbackCalculator when --fallback is given."""
     from ..calculator import FallbackCalculator, RACECalculator
 
+    reference = REFERENCES[args.fallback]() if getattr(args, "fallback", None) else None  # a missing package: now
     calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
-    if getattr(args, "fallback", None) is None:
+    if reference is None:
         return calc
-    dataset = args.fallback_dataset or str(Path(args.output) / "fallback.extxyz")
+    dataset = fallback_dataset(args)
     retrain = None
     if args.fallback_retrain_every:
         from ..data import read_frames
@@ -53,18 +89,20 @@ def make_calculator(args):
 
         if not args.fallback_replay:
             print("note: without --fallback-replay each retraining sees only the collected frames; the model then "
-                  "forgets its training data and an ensemble's spread grows elsewhere (docs/calculator.md)",
-                  file=sys.stderr)
+                  "forgets its training data and an ensemble's spread grows elsewhere: pass the training set as "
+                  "--fallback-replay", file=sys.stderr)
         retrain = retrainer(
             epochs=args.fallback_retrain_epochs,
             replay=read_frames(args.fallback_replay) if args.fallback_replay else (),
             replay_size=args.fallback_replay_size,
             calibrate_on=read_frames(args.fallback_calibrate_on) if args.fallback_calibrate_on else (),
         )
+    tolerance = args.fallback_energy_tolerance
     return FallbackCalculator(
-        calc, REFERENCES[args.fallback](), threshold=args.fallback_threshold, dataset=dataset,
+        calc, reference, threshold=args.fallback_threshold, dataset=dataset,
         min_interval=args.fallback_min_interval, budget=args.fallback_budget,
         retrain_every=args.fallback_retrain_every, retrain=retrain,
+        energy_tolerance=None if tolerance is not None and tolerance <= 0 else tolerance,
     )
 
 
@@ -75,13 +113,14 @@ def add_parser(sub) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model file or shipped name (default {DEFAULT_MODEL})")
-    p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model file or shipped name")
+    p.add_argument("--structure", default=None,
+                   help="start structure: the last frame of any ase.io file or rMD17 .npz (default: built-in ethanol)")
     p.add_argument("--ensemble", choices=["langevin", "nvt", "nve"], default="langevin",
                    help="langevin; nvt (Nosé–Hoover chain, --tdamp); nve (velocity Verlet)")
     p.add_argument("--tdamp", type=float, default=50.0, help="Nosé–Hoover damping time, fs (nvt)")
-    p.add_argument("--temperature", type=float, default=500.0, help="K (default 500, the rMD17 sampling temperature)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--temperature", type=float, default=500.0, help="K (500 K is the rMD17 sampling temperature)")
+    p.add_argument("--steps", type=int, default=2000, help="MD steps")
     p.add_argument("--timestep", type=float, default=0.5, help="fs")
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
     p.add_argument("--interval", type=int, default=100, help="steps between table rows and saved frames")
@@ -91,9 +130,8 @@ def add_arguments(p) -> None:
                    help="stop at the first step whose --stop-quantity exceeds this (eV/Å or eV)")
     p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"])
     add_fallback_arguments(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the Langevin noise")
+    add_device_options(p)
 
 
 def add_fallback_arguments(p) -> None:
@@ -101,9 +139,14 @@ def add_fallback_arguments(p) -> None:
     p.add_argument("--fallback", choices=sorted(REFERENCES), default=None,
                    help="reference calculator called where the model is unsure (pyscf: PBE/def2-SVP)")
     p.add_argument("--fallback-threshold", type=float, default=0.5, help="max_forces_std (eV/Å) above which to call it")
-    p.add_argument("--fallback-dataset", default=None, help="extxyz collecting the reference frames (default OUTPUT/fallback.extxyz)")
+    p.add_argument("--fallback-dataset", default=None,
+                   help="extxyz collecting the reference frames (default: OUTPUT/fallback.extxyz); a rerun reuses its "
+                        "labels, and several runs may share one file")
     p.add_argument("--fallback-min-interval", type=int, default=0, help="steps between reference calls")
-    p.add_argument("--fallback-budget", type=int, default=None, help="at most this many reference calls")
+    p.add_argument("--fallback-budget", type=int, default=None, help="at most this many reference calls (default: no limit)")
+    p.add_argument("--fallback-energy-tolerance", type=float, default=1.0, metavar="EV_PER_ATOM",
+                   help="stop at the first reference call if reference and model energies differ by more than this "
+                        "per atom (another level of theory); 0 disables the check")
     p.add_argument("--fallback-retrain-every", type=int, default=0,
                    help="fine-tune the model on the collected frames after every N reference calls (0: never)")
     p.add_argument("--fallback-retrain-epochs", type=int, default=20, help="epochs of each fine-tune")
@@ -140,7 +183,8 @@ def run(args) -> int:
     from ..calculator import UncertaintyExceeded, UncertaintyLog, UncertaintyStop, UncertaintyWriter
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    trajectory, csv_path, png_path = out / "trajectory.extxyz", out / "uncertainty.csv", out / "uncertainty.png"
+    check_outputs(trajectory, csv_path, png_path, fallback_dataset(args))
     atoms = load_structure(args.structure)
     atoms.calc = make_calculator(args)
     rng = np.random.default_rng(args.seed)
@@ -156,17 +200,16 @@ def run(args) -> int:
     else:
         dyn = VelocityVerlet(atoms, dt)
     log = UncertaintyLog(atoms, dyn)
-    trajectory = out / "trajectory.extxyz"
+    bar = _progress(args.steps)
     dyn.attach(log, interval=args.log_interval)
     dyn.attach(UncertaintyWriter(atoms, str(trajectory)), interval=args.interval)
-    dyn.attach(lambda: _print_row(log.row()), interval=args.interval)
+    dyn.attach(lambda: _print_row(log.row(), bar), interval=args.interval)
     if args.stop_above is not None:
         dyn.attach(UncertaintyStop(atoms, args.stop_above, args.stop_quantity, dynamics=dyn), interval=1)
 
     print(f"{len(atoms)} atoms, {args.ensemble} at {args.temperature:g} K, {args.steps} steps of {args.timestep} fs, "
           f"model {args.model}")
     print(f"{'step':>7} {'T/K':>7} {'E/eV':>14} {'E std/eV':>9} {'max F std/(eV/Å)':>17}")
-    bar = _progress(args.steps)
     stopped = None
     try:
         for _ in dyn.irun(args.steps):
@@ -182,20 +225,44 @@ def run(args) -> int:
         if stopped.step % args.interval:  # a multiple of the interval was written already
             UncertaintyWriter(atoms, str(trajectory), append=True)()
         print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
-    if getattr(atoms.calc, "n_reference", None) is not None:
-        calc = atoms.calc
+    fallback = atoms.calc if getattr(atoms.calc, "n_reference", None) is not None else None
+    if fallback is not None:
+        calc = fallback
         print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations, "
               f"{calc.n_retrains} retrains ({calc.n_retrain_failures} failed); {len(calc.frames)} frames in {calc.frames.path}"
               + (f" ({calc.n_reused} labels taken from it instead of new reference calls)" if calc.n_reused else ""))
-    _write_csv(log.rows, out / "uncertainty.csv")
-    plot_uncertainty(log.rows, out / "uncertainty.png", title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
-    print(f"wrote {trajectory}, {out / 'uncertainty.csv'} and {out / 'uncertainty.png'}")
+    _write_csv(log.rows, csv_path)
+    plot_uncertainty(log.rows, png_path, title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
+    print(f"wrote {trajectory}, {csv_path} and {png_path}")
+    return finish_fallback(fallback)
+
+
+def finish_fallback(calc) -> int:
+    """Write reference frames still waiting after a failed dataset write; the exit status.
+
+    1 (and a message naming the file) if some cannot be written even now: paid-for reference
+    labels are never dropped silently.
+    """
+    if calc is None or calc.frames is None:
+        return 0
+    if calc.n_write_failures:
+        print(f"warning: {calc.n_write_failures} write(s) to {calc.frames.path} failed during the run", file=sys.stderr)
+    try:
+        calc.frames.flush()
+    except OSError as error:
+        print(f"error: {len(calc.frames.pending)} reference frame(s) could not be written to {calc.frames.path} "
+              f"({error}); they are lost when this process ends", file=sys.stderr)
+        return 1
     return 0
 
 
-def _print_row(row) -> None:
-    print(f"{row['step']:7d} {row['temperature_K']:7.0f} {row['energy']:14.4f} {row['energy_std']:9.4f} "
-          f"{row['max_forces_std']:17.4f}", flush=True)
+def _print_row(row, bar=None) -> None:
+    line = (f"{row['step']:7d} {row['temperature_K']:7.0f} {row['energy']:14.4f} {row['energy_std']:9.4f} "
+            f"{row['max_forces_std']:17.4f}")
+    if bar is not None:
+        bar.write(line)  # above the bar, which then redraws below the table
+    else:
+        print(line, flush=True)
 
 
 def _progress(total: int):
@@ -230,6 +297,8 @@ def plot_uncertainty(rows, path: Path, title: str = "") -> None:
     axes[2].plot(t, [r["temperature_K"] for r in rows], color="C2")
     axes[2].set_ylabel("T / K")
     axes[2].set_xlabel("time / fs")
+    for ax in axes:
+        ax.ticklabel_format(useOffset=False)  # read values off the axis, not "+4.21e3" beside it
     if title:
         axes[0].set_title(title)
     fig.savefig(path, dpi=120)

@@ -23,24 +23,26 @@ from pathlib import Path
 
 
 from .md import DEFAULT_MODEL, add_fallback_arguments
+from .predict import add_device_options
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("relax", help="geometry optimisation with an uncertainty report")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model file or shipped name (default {DEFAULT_MODEL})")
-    p.add_argument("--structure", default=None, help="start structure (any ase.io file; default: built-in ethanol)")
-    p.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model file or shipped name")
+    p.add_argument("--structure", default=None,
+                   help="start structure: the last frame of any ase.io file or rMD17 .npz (default: built-in ethanol)")
+    p.add_argument("--optimizer", choices=["bfgs", "fire"], default="bfgs", help="ASE optimiser")
     p.add_argument("--fmax", type=float, default=0.01, help="eV/Å")
     p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps")
     p.add_argument("--trust-std", type=float, default=0.1,
-                   help="the minimum is trustworthy when max_forces_std is at most this (eV/Å; default 0.1)")
-    p.add_argument("--stop-above", type=float, default=None, help="stop when max_forces_std exceeds this (eV/Å)")
+                   help="the minimum is trustworthy when max_forces_std is at most this (eV/Å)")
+    p.add_argument("--stop-above", type=float, default=None,
+                   help="stop when max_forces_std exceeds this (eV/Å; default: never)")
     p.add_argument("--output", default="race_relax", help="output folder")
     add_fallback_arguments(p)
     p.add_argument("--no-verify", action="store_true",
                    help="with --fallback: do not check the final geometry with the reference")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    add_device_options(p)
     p.set_defaults(run=run)
 
 
@@ -48,15 +50,15 @@ def run(args) -> int:
     from ase.optimize import BFGS, FIRE
 
     from ..calculator import FallbackCalculator, UncertaintyExceeded, UncertaintyStop, UncertaintyWriter
-    from .md import load_structure, make_calculator
+    from .md import check_outputs, fallback_dataset, finish_fallback, load_structure, make_calculator
 
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    trajectory = out / "trajectory.extxyz"
+    check_outputs(trajectory, fallback_dataset(args))
     atoms = load_structure(args.structure)
     atoms.calc = make_calculator(args)
     fallback = atoms.calc if isinstance(atoms.calc, FallbackCalculator) else None
     optimizer = {"bfgs": BFGS, "fire": FIRE}[args.optimizer](atoms, logfile=None)
-    trajectory = out / "trajectory.extxyz"
     optimizer.attach(UncertaintyWriter(atoms, str(trajectory)), interval=1)
     if args.stop_above is not None:
         optimizer.attach(UncertaintyStop(atoms, args.stop_above, dynamics=optimizer), interval=1)
@@ -103,4 +105,4 @@ def run(args) -> int:
         print(f"verification: reference energy {verification.reference_energy:.5f} eV (model "
               f"{verification.model_energy:.5f} eV), largest model force error {verification.max_force_error:.4f} eV/Å")
     print(f"minimum trustworthy: {'yes' if trusted else 'no'} ({reason}); trajectory {trajectory}")
-    return 0
+    return finish_fallback(fallback)
