@@ -155,12 +155,18 @@ def test_active_learn_command_retrospective(tmp_path, capsys):
     out = tmp_path / "al"
     rc = main(["active-learn", str(tmp_path / "pool.extxyz"), "method=ensemble", "ensemble.members=2", "preset=tiny",
                "max_epochs=1", "valid_fraction=1", "e0s=fit", "batch_size=2", "--sizes", "3,5",
-               "--strategy", "energy-std", "--test", str(tmp_path / "pool.extxyz"), "-o", str(out)])
+               "--strategy", "energy-std", "--test", str(tmp_path / "pool.extxyz"), "-o", str(out), "--device", "cpu"])
     assert rc == 0
     assert (out / "learning_curve.png").stat().st_size > 0
     lines = (out / "learning_curve.csv").read_text().splitlines()
-    assert lines[0].startswith("round,n_train") and len(lines) == 3
-    assert "labelled" in capsys.readouterr().out
+    assert lines[0] == "round,n_train,energy_mae_meV,energy_rmse_meV,forces_mae_meV_A,forces_rmse_meV_A,wall_s"
+    assert len(lines) == 3
+    # The table prints what the CSV holds, in the same units (meV, meV/Å).
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    csv_rows = [line.split(",") for line in lines[1:]]
+    for printed, stored in zip(table, csv_rows):
+        assert float(printed[2]) == pytest.approx(float(stored[2]), abs=0.006)
+        assert float(printed[3]) == pytest.approx(float(stored[4]), abs=0.006)
 
 
 def test_warm_start_fine_tunes_the_previous_round(tmp_path):

@@ -88,6 +88,11 @@ def test_makefile_installs_the_laplace_packages_the_message_names():
     makefile = (ROOT / "Makefile").read_text()
     line = next(line for line in makefile.splitlines() if line.startswith("LAPLACE :="))
     assert line.split(":=", 1)[1].split() == extras.LAPLACE_NO_DEPS.split()
+    # ... and the README's table gives every extra's install command as the error message does
+    readme = (ROOT / "README.md").read_text()
+    for name, extra in extras.EXTRAS.items():
+        for command in extra.install.split(" && "):
+            assert f"`{command}`" in readme, (name, command)
 
 
 def test_every_extra_is_declared_in_setup_cfg():

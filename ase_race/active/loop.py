@@ -15,7 +15,7 @@ On disk, under ``out_dir``::
     round_00/train.extxyz   labelled set of round 0 (REF_energy, REF_forces, pool_index)
     round_00/model.pt       the posterior trained on it (plus its checkpoints)
     state.json              labelled pool indices per round (written atomically)
-    learning_curve.csv      size, energy/force MAE and RMSE on the test set, wall time
+    learning_curve.csv      size, energy/force MAE and RMSE on the test set (meV, meV/Å), wall time
 
 Each round trains from its labelled structures in memory; the files are its record. A killed
 loop resumes: finished rounds are read back, an unfinished training run resumes from its
@@ -50,6 +50,10 @@ log = logging.getLogger("ase_race.active")
 #: where labelled structures keep their labels (as :func:`label_with` and :func:`label_from_pool` write them)
 LABEL_KEYS = KeyMap(energy="REF_energy", forces="REF_forces")
 CURVE_FIELDS = ("round", "n_train", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "wall_s")
+#: the columns of learning_curve.csv: errors in meV and meV/Å, as the training metrics.csv and
+#: every table and plot of the loop report them (a RoundResult holds eV and eV/Å)
+CSV_COLUMNS = {"energy_mae": ("energy_mae_meV", 1e3), "energy_rmse": ("energy_rmse_meV", 1e3),
+               "forces_mae": ("forces_mae_meV_A", 1e3), "forces_rmse": ("forces_rmse_meV_A", 1e3)}
 
 
 @dataclass
@@ -119,6 +123,7 @@ def active_learn(
     min_epochs: int = 10,
     warm_start: bool = False,
     warm_start_lr: float = 5e-3,
+    device: str | None = None,
 ) -> list[RoundResult]:
     """Run the loop; returns the learning curve (also written to ``learning_curve.csv``).
 
@@ -141,6 +146,9 @@ def active_learn(
             ``warm_start_lr``, the same number of epochs) instead of training from scratch:
             much cheaper, and the usual practice when labels are expensive. The model's
             normalisation (E0s, scale, shift) then stays that of round 0.
+        device: where the acquisition scores are computed (None: a GPU when present, as
+            :class:`~ase_race.calculator.RACECalculator` chooses); training follows
+            ``config.device``.
     """
     from ..calculator import RACECalculator
     from ..modelfile import load_model, save_model
@@ -205,7 +213,7 @@ def active_learn(
                              wall_s=time.perf_counter() - start)
         if k + 1 < len(sizes) and len(rounds) == k + 1:
             rest = np.setdiff1d(np.arange(len(pool)), labelled)
-            calc = None if strategy == "random" else RACECalculator(bundle)
+            calc = None if strategy == "random" else RACECalculator(bundle, device=device)
             scores = acquisition_scores(calc, [pool[i] for i in rest], strategy, seed=seed * 1000 + k)
             chosen = select(scores, sizes[k + 1] - size, diversity, descriptors[rest] if descriptors is not None else None)
             rounds.append(sorted(labelled + [int(rest[j]) for j in chosen]))
@@ -213,7 +221,8 @@ def active_learn(
         result.wall_s = time.perf_counter() - start
         curve.append(result)
         write_curve(curve, out / "learning_curve.csv")
-        log.info("round %d: %d labelled, E MAE %.4g eV, F MAE %.4g eV/Å", k, size, result.energy_mae, result.forces_mae)
+        log.info("round %d: %d labelled, E MAE %.4g meV, F MAE %.4g meV/Å", k, size, 1e3 * result.energy_mae,
+                 1e3 * result.forces_mae)
     return curve
 
 
@@ -242,17 +251,25 @@ def _atomic_write_extxyz(path: Path, frames: list[Atoms]) -> None:
 
 
 def write_curve(curve: Sequence[RoundResult], path: str | Path) -> None:
+    """The learning curve as CSV (:data:`CSV_COLUMNS`: errors in meV and meV/Å)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)
+    names = [CSV_COLUMNS.get(k, (k, 1))[0] for k in CURVE_FIELDS]
+    writer = csv.DictWriter(buffer, fieldnames=names)
     writer.writeheader()
     for r in curve:
-        writer.writerow(r.row())
+        writer.writerow({CSV_COLUMNS.get(k, (k, 1))[0]: v * CSV_COLUMNS.get(k, (k, 1))[1] for k, v in r.row().items()})
     atomic_write_text(Path(path), buffer.getvalue())
 
 
 def read_curve(path: str | Path) -> list[RoundResult]:
+    """A curve written by :func:`write_curve` (or an earlier one with columns in eV)."""
+
+    def value(row, key):
+        column, factor = CSV_COLUMNS.get(key, (key, 1))
+        return float(row[column]) / factor if column in row else float(row[key])
+
     with open(path) as fh:
-        return [RoundResult(int(r["round"]), int(r["n_train"]), *(float(r[k]) for k in CURVE_FIELDS[2:]))
+        return [RoundResult(int(r["round"]), int(r["n_train"]), *(value(r, k) for k in CURVE_FIELDS[2:]))
                 for r in csv.DictReader(fh)]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     from ..active import STRATEGIES
     from .md import REFERENCES
+    from .predict import add_device_options
 
     p = sub.add_parser("active-learn", help="grow a training set by acquisition (random, energy-std, BALD), "
                                             "with learning curves")
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("config", nargs="?", help="YAML training config for every round (default: a 4-member ensemble)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     p.add_argument("--sizes", default="10,20,50,100", help="labelled-set size per round, comma-separated")
-    p.add_argument("--strategy", choices=STRATEGIES, default="bald-f")
+    p.add_argument("--strategy", choices=STRATEGIES, default="bald-f", help="acquisition function")
     p.add_argument("--diversity", type=float, default=0.0, help="> 0: penalise near-duplicates in a batch")
     p.add_argument("--seed", type=int, default=0, help="draws the initial set")
     p.add_argument("--test", help="labelled test structures for the learning curve")
@@ -31,11 +32,12 @@ def add_parser(sub) -> None:
                    help="prospective: label chosen structures with this calculator instead of the pool's labels")
     p.add_argument("--structures-per-round", type=int, default=0,
                    help="> 0: epochs per round = this / labelled size (at least --min-epochs)")
-    p.add_argument("--min-epochs", type=int, default=10)
+    p.add_argument("--min-epochs", type=int, default=10, help="fewest training epochs of a round")
     p.add_argument("--warm-start", action="store_true",
                    help="fine-tune the previous round's model instead of training each round from scratch")
-    p.add_argument("--warm-start-lr", type=float, default=5e-3)
+    p.add_argument("--warm-start-lr", type=float, default=5e-3, help="learning rate of the --warm-start fine-tunes")
     p.add_argument("-o", "--output", default="race_active", help="output folder (rounds, state, curve)")
+    add_device_options(p, dtype=False)
     p.set_defaults(run=run)
 
 
@@ -55,7 +57,8 @@ def run(args) -> int:
         overrides.insert(0, path)
         path = None
     defaults = ["method=ensemble", "ensemble.members=4"] if path is None else []
-    config = TrainConfig.from_yaml(path, defaults + overrides)
+    device = [f"device={args.device}"] if args.device else []  # training and scoring in one place
+    config = TrainConfig.from_yaml(path, defaults + overrides + device)
     keys = KeyMap(energy=config.energy_key, forces=config.forces_key)
     if args.reference:
         pool = read(args.pool, ":")
@@ -69,7 +72,8 @@ def run(args) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     curve = active_learn(pool, label, config, sizes, args.strategy, args.output, test=test, seed=args.seed,
                          diversity=args.diversity, structures_per_round=args.structures_per_round,
-                         min_epochs=args.min_epochs, warm_start=args.warm_start, warm_start_lr=args.warm_start_lr)
+                         min_epochs=args.min_epochs, warm_start=args.warm_start, warm_start_lr=args.warm_start_lr,
+                         device=args.device)
     print(f"{'round':>5} {'labelled':>8} {'E MAE (meV)':>12} {'F MAE (meV/Å)':>14} {'wall (s)':>9}")
     for r in curve:
         print(f"{r.round:5d} {r.n_train:8d} {1e3 * r.energy_mae:12.2f} {1e3 * r.forces_mae:14.2f} {r.wall_s:9.1f}")

@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("data", help="labelled structures (any file ase.io reads, or an rMD17 .npz)")
     p.add_argument("--ood", help="a second labelled set, out of distribution: AUROC of σ")
     p.add_argument("-o", "--output", default="race_evaluation", help="folder for metrics.json and PNGs")
-    p.add_argument("--energy-key", default="REF_energy")
-    p.add_argument("--forces-key", default="REF_forces")
+    p.add_argument("--energy-key", default="REF_energy", help="info key of the reference energies")
+    p.add_argument("--forces-key", default="REF_forces", help="arrays key of the reference forces")
     p.add_argument("--uncalibrated", action="store_true", help="ignore the calibration stored in the file")
     add_device_options(p)
     p.set_defaults(run=run_evaluate)
@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
                        help="rewrite MODEL itself (not allowed for a shipped model found by name)")
     c.add_argument("--isotonic", action="store_true",
                    help="also fit a monotone (isotonic) map of the variances on top of the scales")
-    c.add_argument("--energy-key", default="REF_energy")
-    c.add_argument("--forces-key", default="REF_forces")
+    c.add_argument("--energy-key", default="REF_energy", help="info key of the reference energies")
+    c.add_argument("--forces-key", default="REF_forces", help="arrays key of the reference forces")
     add_device_options(c, dtype=False)
     c.set_defaults(run=run_calibrate)
 

@@ -128,7 +128,8 @@ def add_arguments(p) -> None:
     p.add_argument("--output", default="race_md", help="output folder")
     p.add_argument("--stop-above", type=float, default=None,
                    help="stop at the first step whose --stop-quantity exceeds this (eV/Å or eV)")
-    p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"])
+    p.add_argument("--stop-quantity", default="max_forces_std", choices=["max_forces_std", "energy_std"],
+                   help="the uncertainty --stop-above compares")
     add_fallback_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial velocities and the Langevin noise")
     add_device_options(p)
@@ -287,6 +288,8 @@ def plot_uncertainty(rows, path: Path, title: str = "") -> None:
     """Energy std, max_forces_std and temperature against time, as a PNG."""
     from matplotlib.figure import Figure
 
+    from ..evaluation.plotting import plain_ticks
+
     t = [r["time_fs"] for r in rows]
     fig = Figure(figsize=(7, 6), constrained_layout=True)
     axes = fig.subplots(3, 1, sharex=True)
@@ -297,8 +300,7 @@ def plot_uncertainty(rows, path: Path, title: str = "") -> None:
     axes[2].plot(t, [r["temperature_K"] for r in rows], color="C2")
     axes[2].set_ylabel("T / K")
     axes[2].set_xlabel("time / fs")
-    for ax in axes:
-        ax.ticklabel_format(useOffset=False)  # read values off the axis, not "+4.21e3" beside it
+    plain_ticks(*axes)
     if title:
         axes[0].set_title(title)
     fig.savefig(path, dpi=120)

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="model file or shipped name")
     p.add_argument("pool", help="structures to choose from (any file ase.io reads, or an rMD17 .npz)")
     p.add_argument("-n", type=int, default=10, help="how many to select")
-    p.add_argument("--strategy", choices=STRATEGIES, default="bald-ef")
+    p.add_argument("--strategy", choices=STRATEGIES, default="bald-ef", help="acquisition function")
     p.add_argument("--diversity", type=float, default=0.0, help="> 0: penalise near-duplicates of chosen structures")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
     p.add_argument("-o", "--output", default="selected.extxyz", help="the selected structures, best first")

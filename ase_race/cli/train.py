@@ -12,11 +12,18 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML config (see docs/training.md)")
+    p = sub.add_parser(
+        "train", help="train a model from a YAML config and key=value overrides",
+        description="Train a RACE model. The YAML config and key=value overrides (any TrainConfig key, dotted for "
+                    "sections: max_epochs=50 model.num_layers=3 ensemble.members=5) may come in any order, "
+                    "between the flags too; a killed run resumes from its checkpoint when rerun.")
     p.add_argument("config", nargs="?", help="YAML training config (optional if overrides give train_file)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_epochs=50 model.num_layers=3")
     # No argparse choices: the training config checks the name against the registered methods.
-    p.add_argument("--method", help="posterior method: mve (default), ensemble, swag, ivon, laplace, novelty (docs/posteriors/)")
+    p.add_argument("--method", help="posterior: mve (default; one network with a variance head), ensemble "
+                                    "(M independent networks), swag (Gaussian over SGD iterates), ivon (variational "
+                                    "online Newton), laplace (Gaussian at the trained weights), novelty (a single "
+                                    "network plus a distance-to-training-data term)")
     p.add_argument("--members", type=int, help="deep-ensemble size M (default 10)")
     p.add_argument("--test-samples", type=int, help="weight samples at prediction time (SWAG 30, IVON/Laplace 16)")
     p.add_argument("--laplace-subset", help="Laplace over all weights (all) or the last layer (last_layer)")
@@ -34,12 +41,13 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..training import TrainConfig, train
 
-    # Allow "ase-race train key=value ..." without a config file.
-    overrides = list(args.overrides)
-    path = args.config
-    if path and "=" in path:
-        overrides.insert(0, path)
-        path = None
+    # The config file is the one word without "=", wherever it stands; the rest are overrides.
+    words = ([args.config] if args.config else []) + list(args.overrides)
+    paths = [w for w in words if "=" not in w]
+    overrides = [w for w in words if "=" in w]
+    if len(paths) > 1:
+        raise ConfigError(f"one config file at most, got {paths}; overrides are written key=value")
+    path = paths[0] if paths else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     method = [f"method={args.method}"] if args.method else []
     config = TrainConfig.from_yaml(path, overrides + method)

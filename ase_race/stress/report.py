@@ -346,6 +346,8 @@ def write_report(report: dict, scored: Sequence[Scored], out_dir: str | Path) ->
     every scan) in ``out_dir``."""
     from matplotlib.figure import Figure
 
+    from ..evaluation.plotting import plain_ticks
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "stress_test.json", out / "stress_test.txt", out / "stress_test.png"]
@@ -363,6 +365,7 @@ def write_report(report: dict, scored: Sequence[Scored], out_dir: str | Path) ->
         ax.set_title(scan, fontsize=7)
         ax.set_xlabel("amplitude / Å" if rows[0].probe.kind == "normal_mode" else "distance / Å", fontsize=7)
         ax.tick_params(labelsize=6)
+        plain_ticks(ax)
         if k == 0:
             ax.legend(fontsize=6)
     fig.tight_layout()

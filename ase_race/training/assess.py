@@ -136,6 +136,8 @@ def figures(g: Gathered, out_dir: Path, label: str = "") -> list[Path]:
     """Reliability diagram, |error| against σ (log–log, with |error| = σ) and parity plots."""
     from matplotlib.figure import Figure
 
+    from ..evaluation.plotting import plain_ticks
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = {
@@ -163,6 +165,7 @@ def figures(g: Gathered, out_dir: Path, label: str = "") -> list[Path]:
         a2.plot(ref, pred, ".", ms=2, alpha=0.4)
         a2.plot([ref.min(), ref.max()], [ref.min(), ref.max()], "k--", lw=0.8)
         a2.set(xlabel=f"reference / {unit}", ylabel=f"predicted / {unit}", title=f"{name}: parity")
+        plain_ticks(a1, a2)
         fig.tight_layout()
         paths.append(_save(fig, out_dir / f"{name}.png"))
     return paths
