@@ -252,12 +252,12 @@ def _atomic_write_extxyz(path: Path, frames: list[Atoms]) -> None:
 
 def write_curve(curve: Sequence[RoundResult], path: str | Path) -> None:
     """The learning curve as CSV (:data:`CSV_COLUMNS`: errors in meV and meV/Å)."""
+    columns = [CSV_COLUMNS.get(k, (k, 1)) for k in CURVE_FIELDS]
     buffer = io.StringIO()
-    names = [CSV_COLUMNS.get(k, (k, 1))[0] for k in CURVE_FIELDS]
-    writer = csv.DictWriter(buffer, fieldnames=names)
-    writer.writeheader()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow([name for name, _ in columns])
     for r in curve:
-        writer.writerow({CSV_COLUMNS.get(k, (k, 1))[0]: v * CSV_COLUMNS.get(k, (k, 1))[1] for k, v in r.row().items()})
+        writer.writerow([getattr(r, k) * factor for k, (_, factor) in zip(CURVE_FIELDS, columns)])
     atomic_write_text(Path(path), buffer.getvalue())
 
 

@@ -127,7 +127,7 @@ class LabelledFrames:
         return self._count + len(self.pending)
 
     def __contains__(self, atoms: Atoms) -> bool:
-        return self._find(atoms) is not None or any(self._same(atoms, p) for p in self.pending)
+        return self._find(atoms) is not None or any(self._matches(p, atoms) for p in self.pending)
 
     def label(self, atoms: Atoms, reference: str) -> tuple[float, np.ndarray] | None:
         """The stored (energy, forces) of this structure from the reference with fingerprint
@@ -157,15 +157,19 @@ class LabelledFrames:
             return
         with self._locked():
             self._refresh()
-            frames = [f for f in self.pending if self._find(f) is None]  # another writer may have stored one
-            buffer = io.StringIO()
-            for frame in frames:
-                write(buffer, self._with_exact(frame), format="extxyz")
+            frames = [self._with_exact(f) for f in self.pending if self._find(f) is None]  # another writer's?
             if frames:
+                buffer = io.StringIO()
+                write(buffer, frames, format="extxyz")
                 old = self.path.read_bytes() if self.path.exists() else b""
-                atomic_write_bytes(self.path, old + buffer.getvalue().encode())
+                data = old + buffer.getvalue().encode()
+                atomic_write_bytes(self.path, data)
+                # Index what was just written from memory; under the lock nobody else wrote since.
+                for frame in frames:
+                    self._index(frame)
+                st = self.path.stat()
+                self._read_upto, self._signature = len(data), (st.st_ino, st.st_size, st.st_mtime_ns)
             self.pending = []
-            self._refresh()
 
     @contextmanager
     def _locked(self):
@@ -209,14 +213,14 @@ class LabelledFrames:
             except Exception as error:
                 raise RaceError(f"fallback dataset {self.path} cannot be read as extxyz "
                                 f"(after byte {self._read_upto}): {error}") from error
-            for index, frame in enumerate(frames):
-                self._index(frame, index)
+            for frame in frames:
+                self._index(frame)
         self._read_upto, self._signature = len(data), signature
 
     def _reset(self) -> None:
         self._groups, self._count, self._read_upto, self._signature = {}, 0, 0, None
 
-    def _index(self, frame: Atoms, index: int) -> None:
+    def _index(self, frame: Atoms) -> None:
         positions = np.array(frame.positions, dtype=np.float64)
         label = None
         exact = frame.info.get(self.EXACT)
@@ -238,15 +242,18 @@ class LabelledFrames:
     def _find(self, atoms: Atoms):
         """The stored (positions, label) matching ``atoms`` within the tolerance, or None."""
         group = self._groups.get(_bucket(atoms.numbers, atoms.cell[:], atoms.pbc), ())
-        positions = np.asarray(atoms.positions, dtype=np.float64)
         for entry in reversed(group):  # a restart retraces the latest frames most often
-            if np.abs(entry[0] - positions).max(initial=0.0) <= self.tolerance:
+            if self._close(entry[0], atoms.positions):
                 return entry
         return None
 
-    def _same(self, a: Atoms, b: Atoms) -> bool:
+    def _matches(self, a: Atoms, b: Atoms) -> bool:
         return (_bucket(a.numbers, a.cell[:], a.pbc) == _bucket(b.numbers, b.cell[:], b.pbc)
-                and np.abs(a.positions - b.positions).max(initial=0.0) <= self.tolerance)
+                and self._close(a.positions, b.positions))
+
+    def _close(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """Positions within the tolerance (max over components, Å)."""
+        return float(np.abs(np.asarray(a, dtype=np.float64) - b).max(initial=0.0)) <= self.tolerance
 
 
 @dataclass

@@ -48,14 +48,11 @@ def run(args) -> int:
     from ..training import TrainConfig
     from ..data import KeyMap, read_frames
     from .md import REFERENCES
+    from .train import config_and_overrides
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("ase_race.active").setLevel(logging.INFO)
-    overrides = list(args.overrides)
-    path = args.config
-    if path and "=" in path:
-        overrides.insert(0, path)
-        path = None
+    path, overrides = config_and_overrides(args.config, args.overrides)
     defaults = ["method=ensemble", "ensemble.members=4"] if path is None else []
     device = [f"device={args.device}"] if args.device else []  # training and scoring in one place
     config = TrainConfig.from_yaml(path, defaults + overrides + device)

@@ -37,17 +37,22 @@ FLAGS = {"method": "method", "members": "ensemble.members", "test_samples": "{me
          "laplace_subset": "laplace.subset", "base_model": "{method}.base_model"}
 
 
+def config_and_overrides(config: str | None, overrides) -> tuple[str | None, list[str]]:
+    """The config file (the one word without "=", wherever it stands) and the key=value overrides."""
+    from ..errors import ConfigError
+
+    words = ([config] if config else []) + list(overrides)
+    paths = [w for w in words if "=" not in w]
+    if len(paths) > 1:
+        raise ConfigError(f"one config file at most, got {paths}; overrides are written key=value")
+    return (paths[0] if paths else None), [w for w in words if "=" in w]
+
+
 def run(args) -> int:
     from ..errors import ConfigError
     from ..training import TrainConfig, train
 
-    # The config file is the one word without "=", wherever it stands; the rest are overrides.
-    words = ([args.config] if args.config else []) + list(args.overrides)
-    paths = [w for w in words if "=" not in w]
-    overrides = [w for w in words if "=" in w]
-    if len(paths) > 1:
-        raise ConfigError(f"one config file at most, got {paths}; overrides are written key=value")
-    path = paths[0] if paths else None
+    path, overrides = config_and_overrides(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     method = [f"method={args.method}"] if args.method else []
     config = TrainConfig.from_yaml(path, overrides + method)
