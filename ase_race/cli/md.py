@@ -228,10 +228,10 @@ def run(args) -> int:
         print(f"stopped: {stopped} (structure saved as the last frame of {trajectory})")
     fallback = atoms.calc if getattr(atoms.calc, "n_reference", None) is not None else None
     if fallback is not None:
-        calc = fallback
-        print(f"fallback: {calc.n_reference} reference calls ({calc.n_failures} failed) in {calc.n_calls} evaluations, "
-              f"{calc.n_retrains} retrains ({calc.n_retrain_failures} failed); {len(calc.frames)} frames in {calc.frames.path}"
-              + (f" ({calc.n_reused} labels taken from it instead of new reference calls)" if calc.n_reused else ""))
+        f = fallback
+        print(f"fallback: {f.n_reference} reference calls ({f.n_failures} failed) in {f.n_calls} evaluations, "
+              f"{f.n_retrains} retrains ({f.n_retrain_failures} failed); {len(f.frames)} frames in {f.frames.path}"
+              + (f" ({f.n_reused} labels taken from it instead of new reference calls)" if f.n_reused else ""))
     _write_csv(log.rows, csv_path)
     plot_uncertainty(log.rows, png_path, title=f"{args.model}: {args.ensemble} {args.temperature:g} K")
     print(f"wrote {trajectory}, {csv_path} and {png_path}")
