@@ -44,6 +44,7 @@ STRESS_VAR: Final[str] = "stress_var"  # (6,) (eV/Å³)², Voigt order xx yy zz 
 MAX_FORCES_STD: Final[str] = "max_forces_std"  # float eV/Å, max_i sqrt(trace forces_cov_i)
 ENERGY_ENSEMBLE: Final[str] = "energy_ensemble"  # (n_members,) eV, sampling posteriors only
 FORCES_ENSEMBLE: Final[str] = "forces_ensemble"  # (n_members, n_atoms, 3) eV/Å
+STRESS_ENSEMBLE: Final[str] = "stress_ensemble"  # (n_members, 6) eV/Å³ Voigt, periodic only
 BALD_ENERGY: Final[str] = "bald_energy"  # float nats, mutual information of energy and weights
 BALD_FORCES: Final[str] = "bald_forces"  # float nats, the same for the forces (summed over atoms)
 BALD: Final[str] = "bald"  # float nats, bald_energy + bald_forces (BALD-EF)

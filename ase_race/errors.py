@@ -38,3 +38,7 @@ class TrainingError(RaceError, RuntimeError):
 
 class PredictionError(RaceError, ArithmeticError):
     """The model produced a non-finite energy, force, stress or variance for a structure."""
+
+
+class ProtocolError(RaceError):
+    """An i-PI server cannot be reached, or it broke the socket protocol."""

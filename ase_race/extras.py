@@ -39,6 +39,8 @@ EXTRAS: dict[str, Extra] = {
     "pyscf": Extra("pyscf", "the PySCF reference (PBE/def2-SVP, the rMD17 level)", "pip install 'ase-race[pyscf]'"),
     "tblite": Extra("tblite", "the GFN2-xTB reference (tblite)", "pip install 'ase-race[tblite]'"),
     "pymatgen": Extra("pymatgen", "reading pymatgen objects and vasprun.xml", "pip install 'ase-race[pymatgen]'"),
+    "ipi": Extra("ipi", "i-PI, the server that ase-race serve answers (path integrals, many clients)",
+                 "pip install 'ase-race[ipi]'"),
 }
 
 

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ase_race"
 RANK = {
     "_keys": 0, "_atomic": 0, "errors": 0, "config": 1, "graph": 2, "nn": 3, "posteriors": 4,
     "modelfile": 5, "calculator": 6, "data": 2, "evaluation": 1, "training": 7,
-    "active": 7, "stress": 7, "cli": 9, "testing": 8, "__init__": 8,
+    "active": 7, "stress": 7, "serve": 7, "cli": 9, "testing": 8, "__init__": 8,
 }
 
 

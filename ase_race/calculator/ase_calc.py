@@ -57,6 +57,7 @@ class RACECalculator(Calculator):
     max_forces_std           float       max_i √(trace forces_cov_i) (eV/Å)
     energy_ensemble          (M,)        member/sample energies (sampling posteriors only)
     forces_ensemble          (M, n, 3)   member/sample forces (sampling posteriors only)
+    stress_ensemble          (M, 6)      member/sample stresses (sampling posteriors, periodic)
     bald_energy              float       BALD of the energy (nats; 0 for MVE)
     bald_forces              float       BALD of the forces, summed over atoms (nats)
     bald                     float       bald_energy + bald_forces (BALD-EF)
@@ -90,7 +91,7 @@ class RACECalculator(Calculator):
         K.ENERGY_VAR, K.ENERGY_STD, K.ENERGY_VAR_ALEATORIC, K.ENERGY_VAR_EPISTEMIC,
         K.FORCES_VAR, K.FORCES_STD, K.FORCES_VAR_ALEATORIC, K.FORCES_VAR_EPISTEMIC,
         K.FORCES_COV, K.STRESS_VAR, K.MAX_FORCES_STD, K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE,
-        K.BALD_ENERGY, K.BALD_FORCES, K.BALD,
+        K.STRESS_ENSEMBLE, K.BALD_ENERGY, K.BALD_FORCES, K.BALD,
     )  # fmt: skip
 
     def __init__(
@@ -187,7 +188,7 @@ class RACECalculator(Calculator):
                 raise PropertyNotImplementedError(
                     f"stress needs a cell periodic in all three directions (pbc={self.atoms.pbc.tolist()})"
                 )
-        wanted = {K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE} & set(properties)
+        wanted = {K.ENERGY_ENSEMBLE, K.FORCES_ENSEMBLE, K.STRESS_ENSEMBLE} & set(properties)
         if wanted and not self.posterior.provides_ensemble:
             raise PropertyNotImplementedError(
                 f"{sorted(wanted)} need a sampling posterior (ensemble, SWAG, IVON, all-weight Laplace); this model is "
@@ -208,6 +209,8 @@ class RACECalculator(Calculator):
         if self.posterior.provides_ensemble:
             m = self.posterior.n_samples_or_members
             results[K.ENERGY_ENSEMBLE], results[K.FORCES_ENSEMBLE] = np.zeros(m), np.zeros((m, 0, 3))
+            if periodic:
+                results[K.STRESS_ENSEMBLE] = np.zeros((m, 6))
         return results
 
     def _results(self, p: Prediction, periodic: bool) -> dict:
@@ -251,4 +254,6 @@ class RACECalculator(Calculator):
             results[K.ENERGY_ENSEMBLE] = as_np(p.energy_ensemble[:, 0])
         if p.forces_ensemble is not None:
             results[K.FORCES_ENSEMBLE] = as_np(p.forces_ensemble)
+        if periodic and p.stress_ensemble is not None:
+            results[K.STRESS_ENSEMBLE] = np.stack([_voigt(member) for member in as_np(p.stress_ensemble[:, 0])])
         return results

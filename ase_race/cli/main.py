@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..errors import RaceError
-from . import active_learn, demo, evaluate, info, md, predict, relax, select, ship, stress_test, train
+from . import active_learn, demo, evaluate, info, md, predict, relax, select, serve, ship, stress_test, train
 
-SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, stress_test, ship, select, active_learn, info)
+SUBCOMMANDS = (demo, md, relax, train, predict, evaluate, stress_test, ship, select, active_learn, serve, info)
 
 #: subcommands whose free ``key=value`` words may come anywhere, between flags too
 FREE_OVERRIDES = ("train",)

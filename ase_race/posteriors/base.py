@@ -37,6 +37,7 @@ class Prediction:
     stress_var_epistemic: torch.Tensor | None = None  # (B, 3, 3) (eV/Å³)², per component
     energy_ensemble: torch.Tensor | None = None  # (M, B) eV, sampling posteriors only
     forces_ensemble: torch.Tensor | None = None  # (M, n, 3) eV/Å, sampling posteriors only
+    stress_ensemble: torch.Tensor | None = None  # (M, B, 3, 3) eV/Å³, sampling posteriors with stress
     energy_var_ensemble: torch.Tensor | None = None  # (M, B) eV², members' own variances
     forces_cov_ensemble: torch.Tensor | None = None  # (M, n, 3, 3) (eV/Å)², members' own
 

@@ -53,15 +53,16 @@ def mixture_prediction(outputs: dict[str, torch.Tensor], compute_stress: bool = 
             (M, B), ``energy_var`` (M, B), ``node_energy`` (M, n), ``forces`` (M, n, 3),
             ``forces_cov`` (M, n, 3, 3) and optionally ``stress`` (M, B, 3, 3).
     Returns:
-        the mixture's mean, aleatoric and epistemic parts, plus the members' energies and
-        forces (``energy_ensemble``, ``forces_ensemble``). The stress variance is the members'
-        spread per component (there is no aleatoric stress head).
+        the mixture's mean, aleatoric and epistemic parts, plus the members' energies, forces
+        and (with ``compute_stress``) stresses (``energy_ensemble``, ``forces_ensemble``,
+        ``stress_ensemble``). The stress variance is the members' spread per component (there
+        is no aleatoric stress head).
     """
     from .base import Prediction
 
     energy, e_ale, e_epi = mix_scalar(outputs["energy"], outputs["energy_var"])
     forces, f_ale, f_epi = mix_vector(outputs["forces"], outputs["forces_cov"])
-    stress = stress_var = None
+    stress = stress_var = members = None
     if compute_stress:
         members = outputs["stress"]
         stress = members.mean(dim=0)
@@ -78,6 +79,7 @@ def mixture_prediction(outputs: dict[str, torch.Tensor], compute_stress: bool = 
         stress_var_epistemic=stress_var,
         energy_ensemble=outputs["energy"],
         forces_ensemble=outputs["forces"],
+        stress_ensemble=members,
         energy_var_ensemble=outputs["energy_var"],
         forces_cov_ensemble=outputs["forces_cov"],
     )
