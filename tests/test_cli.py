@@ -1,9 +1,16 @@
-"""The command line: md/demo outputs, predict and info, and clear errors."""
+"""The command line: md/demo outputs, predict and info, and clear errors.
 
+Most commands run in this process through ``main`` (a new interpreter costs seconds of
+imports per call); test_errors_are_one_line runs the real ``python -m ase_race.cli.main``.
+"""
+
+import contextlib
 import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from ase.build import molecule
 from ase.io import read, write
@@ -11,8 +18,22 @@ from ase.io import read, write
 FIXTURE = str(Path(__file__).parent / "data" / "modelfiles" / "v1.pt")
 
 
-def ase_race(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "ase_race.cli.main", *args], capture_output=True, text=True, cwd=cwd)
+def ase_race(*args):
+    """``ase-race ARGS`` in this process: its exit status, stdout and stderr."""
+    from ase_race.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's usage errors
+            status = exit_.code
+    return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def ase_race_process(*args):
+    """``python -m ase_race.cli.main ARGS`` in a new interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "ase_race.cli.main", *args], capture_output=True, text=True)
 
 
 def test_md_writes_trajectory_log_and_plot(tmp_path):
@@ -53,7 +74,7 @@ def test_predict_and_info(tmp_path):
 
 def test_errors_are_one_line(tmp_path):
     write(tmp_path / "n.xyz", molecule("HCN"))
-    proc = ase_race("predict", FIXTURE, str(tmp_path / "n.xyz"))
+    proc = ase_race_process("predict", FIXTURE, str(tmp_path / "n.xyz"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "ase-race predict: error: element(s) ['N'] not known to this model, which knows ['H', 'C', 'O']"

@@ -539,3 +539,35 @@ def test_two_clients_serve_one_server(ipi_script, short_dir, model_file, ethanol
     assert sum(served) == nbeads * (steps + 1)  # every bead evaluated once per step, by one client or the other
     assert steps_done(short_dir) == list(range(steps + 1))
     assert "Handshaking was successful" in (short_dir / "ipi.log").read_text()
+
+
+def test_the_example_input_runs_with_the_default_model(ipi_script, short_dir):
+    """examples/ipi_pimd/input.xml as shipped (8 beads, every output), for 2 steps on a private socket."""
+    import xml.etree.ElementTree as ET
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "ipi_pimd"
+    tree = ET.parse(example / "input.xml")
+    root = tree.getroot()
+    root.set("sockets_prefix", f"{short_dir}/")
+    root.find("total_steps").text = "2"
+    for output in root.find("output"):
+        output.set("stride", "1")
+    tree.write(short_dir / "input.xml")
+    shutil.copy(example / "ethanol.xyz", short_dir / "ethanol.xyz")
+    address = root.find("ffsocket/address").text
+    calc = RACECalculator("ethanol-novelty", device="cpu")  # the default model, as the README runs it
+    proc = start_ipi(ipi_script, short_dir, (short_dir / "input.xml").read_text(), short_dir / address)
+    client = Client(calc, short_dir / "ethanol.xyz", str(short_dir / address))
+    finish(proc, short_dir)
+    assert client.join() == 8 * 3
+    assert steps_done_named(short_dir / "ethanol-pimd.out") == [0, 1, 2]
+    for bead in range(8):
+        rows = read_extras(short_dir / f"ethanol-pimd.unc_{bead}", 2)
+        assert rows.shape == (3, 2) and np.all(rows > 0)  # energy_std (eV), max_forces_std (eV/Å)
+    centroid = read(short_dir / "ethanol-pimd.centroid.extxyz", ":")
+    assert len(centroid) == 3 and centroid[0].get_chemical_formula() == read(example / "ethanol.xyz").get_chemical_formula()
+
+
+def steps_done_named(path):
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [int(float(row[0])) for row in rows]
