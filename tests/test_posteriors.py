@@ -411,6 +411,43 @@ def test_ivon_posterior_is_the_optimiser_state_and_survives_the_file(dimer_file,
     torch.testing.assert_close(loaded.samples(), post.samples(), rtol=0, atol=0)
 
 
+def test_ivon_warm_start_is_amsgrad_then_ivon_from_its_best_weights(dimer_file, tmp_path):
+    from ase_race.errors import ConfigError
+    from ase_race.training.loop import Trainer, TrainingHooks
+    from ase_race.training.methods import method_class
+
+    cfg, trainer = _trainer({"method": "ivon", "ivon": {"warm_start_epochs": 2}, "max_epochs": 3}, dimer_file,
+                            tmp_path / "run")
+    fitted = method_class("ivon")().fit(cfg, trainer.model_config, trainer.train_set, trainer.valid_set)
+    assert fitted.summary["epochs"] == [2, 1]
+    warm = torch.load(tmp_path / "run" / "warm_start" / "checkpoint.pt", weights_only=True)
+    assert warm["epoch"] == 2 and "exp_avg" in next(iter(warm["optimizer"]["state"].values()))  # Adam's state
+    # By hand: the same AMSGrad run, then IVON for the last epoch from its best (EMA) weights,
+    # with the mean-only warm-up (1 epoch) already spent.
+    sets = (trainer.train_set, trainer.valid_set)
+    first = Trainer(cfg.replace(max_epochs=2, output_dir=str(tmp_path / "hand" / "warm")), trainer.model_config, *sets,
+                    hooks=TrainingHooks())
+    first.run()
+    rest = cfg.replace(max_epochs=1, warmup_epochs=0, output_dir=str(tmp_path / "hand"))
+    second = Trainer(rest, trainer.model_config, *sets, hooks=method_class("ivon").hooks(rest),
+                     initial_weights=first.best_model().state_dict())
+    second.run()
+    torch.testing.assert_close(flat_parameters(fitted.posterior.model), flat_parameters(second.model), rtol=0, atol=0)
+    hess = second.optimizer.param_groups[0]["hess"]
+    assert not torch.allclose(hess, torch.full_like(hess, cfg.ivon.hess_init))  # IVON did step
+    # A rerun trains nothing more and gives the same posterior.
+    again = method_class("ivon")().fit(cfg, trainer.model_config, *sets)
+    torch.testing.assert_close(again.posterior.variance, fitted.posterior.variance, rtol=0, atol=0)
+    # A warm start stopped by max_time_s leaves IVON's initial posterior around its weights.
+    short = cfg.replace(max_time_s=1e-9, output_dir=str(tmp_path / "short"))
+    stopped = method_class("ivon")().fit(short, trainer.model_config, *sets)
+    ess = sum(len(f.atoms) for f in trainer.train_set.frames)
+    expected = 1.0 / (ess * (cfg.ivon.hess_init + cfg.ivon.weight_decay))
+    torch.testing.assert_close(stopped.posterior.variance, torch.full_like(stopped.posterior.variance, expected))
+    with pytest.raises(ConfigError, match="warm_start_epochs \\(3\\) must be below max_epochs \\(3\\)"):
+        method_class("ivon")().fit(cfg.replace(ivon=cfg.ivon.__class__(warm_start_epochs=3)), trainer.model_config, *sets)
+
+
 @pytest.mark.parametrize("method", ["ivon", "swag"])
 def test_interrupted_ivon_and_swag_runs_resume_exactly(method, dimer_file, tmp_path):
     extra = {"method": method, "swag": {"start_epoch": 0, "rank": 2}, "max_epochs": 3}

@@ -8,8 +8,10 @@ has the settings and the measurements behind their defaults.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,8 @@ from ...errors import ConfigError
 from ...posteriors import IVONPosterior
 from ..loop import Trainer, TrainingHooks
 from .base import Fitted, Method, MethodOptions, summary
+
+log = logging.getLogger("ase_race.training")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,9 @@ class IVONOptions(MethodOptions):
         clip_radius: bound on each weight's preconditioned step (the early gradients of
             force-field losses are large, and without it IVON's steps diverge).
         test_samples: weight samples at prediction time (0 = 16).
+        warm_start_epochs: the first epochs of ``max_epochs`` train the network with the
+            config's Adam/AMSGrad (in ``output_dir/warm_start``); IVON starts from its best
+            weights for the remaining epochs (0 = IVON from the first step).
     """
 
     lr: float = 0.05
@@ -43,12 +50,16 @@ class IVONOptions(MethodOptions):
     train_samples: int = 1
     clip_radius: float = 1.0
     test_samples: int = 0
+    warm_start_epochs: int = 0
 
-    training_keys = ("lr", "ess", "hess_init", "beta2", "weight_decay", "train_samples", "clip_radius")
+    training_keys = ("lr", "ess", "hess_init", "beta2", "weight_decay", "train_samples", "clip_radius",
+                     "warm_start_epochs")
 
     def __post_init__(self) -> None:
         if self.train_samples < 1:
             raise ConfigError(f"ivon.train_samples must be at least 1, got {self.train_samples}")
+        if self.warm_start_epochs < 0:
+            raise ConfigError(f"ivon.warm_start_epochs must be ≥ 0, got {self.warm_start_epochs}")
 
 
 @contextmanager
@@ -90,12 +101,8 @@ class IVONHooks(TrainingHooks):
         import ivon
 
         o = self.options
-        # The default effective sample size is the number of atoms: the loss averages the
-        # force NLL over atoms (one 3D term each), and that term dominates the likelihood,
-        # so N_atoms × loss is (close to) the total negative log-likelihood.
-        ess = o.ess or sum(len(f.atoms) for f in trainer.train_set.frames)
         return ivon.IVON(
-            trainer.model.parameters(), lr=o.lr, ess=ess, hess_init=o.hess_init, beta2=o.beta2,
+            trainer.model.parameters(), lr=o.lr, ess=_ess(o, trainer), hess_init=o.hess_init, beta2=o.beta2,
             weight_decay=o.weight_decay, mc_samples=o.train_samples, clip_radius=o.clip_radius,
         )
 
@@ -146,6 +153,13 @@ class IVONHooks(TrainingHooks):
                 group[key] = group[key].to(trainer.device)
 
 
+def _ess(options: IVONOptions, trainer) -> float:
+    """λ: ``options.ess``, or by default the number of atoms in the training set. The loss
+    averages the force NLL over atoms (one 3D term each), and that term dominates the
+    likelihood, so N_atoms × loss is (close to) the total negative log-likelihood."""
+    return options.ess or sum(len(f.atoms) for f in trainer.train_set.frames)
+
+
 def optimiser_posterior(optimizer, model, **kwargs) -> IVONPosterior:
     """The posterior N(m, 1/(λ(h + δ))) of a trained IVON optimiser around ``model`` (= m).
 
@@ -169,11 +183,36 @@ class IVON(Method):
 
     def fit(self, config, model_config, train, valid, *, in_memory=False, on_step=None):
         options = config.ivon
+        warm = options.warm_start_epochs
+        if warm >= config.max_epochs:
+            raise ConfigError(f"ivon.warm_start_epochs ({warm}) must be below max_epochs ({config.max_epochs}): "
+                              "IVON needs epochs of its own")
+        initial, states = None, []
+        if warm:
+            first = config.replace(max_epochs=warm, output_dir=str(Path(config.output_dir) / "warm_start"))
+            start = Trainer(first, model_config, train, valid, on_step=on_step, in_memory=in_memory,
+                            hooks=TrainingHooks())  # the config's Adam/AMSGrad
+            log.info("ivon: %d warm-start epochs with %s", warm, "AMSGrad" if config.amsgrad else "Adam")
+            states.append(start.run())
+            initial = start.best_model().state_dict()
+            if states[-1].epoch < warm:  # stopped by max_time_s: a rerun resumes the warm start
+                if start.rank != 0:
+                    return None
+                log.warning("ivon: the warm start stopped at epoch %d of %d (max_time_s); the model file holds "
+                            "IVON's initial posterior around it", states[-1].epoch, warm)
+                hess = torch.full((sum(p.numel() for p in start.model.parameters()),), options.hess_init)
+                posterior = IVONPosterior.from_optimizer_state(
+                    start.best_model(), hess, _ess(options, start), options.weight_decay,
+                    n_samples=options.test_samples or None, sample_seed=config.seed)
+                return Fitted(posterior, summary(states))
+            # the IVON phase: the remaining epochs and the rest of the mean-only warm-up, if any
+            config = config.replace(max_epochs=config.max_epochs - warm,
+                                    warmup_epochs=max(0, config.warmup_epochs - warm))
         trainer = Trainer(config, model_config, train, valid, on_step=on_step, in_memory=in_memory,
-                          hooks=self.hooks(config))
-        state = trainer.run()
+                          hooks=self.hooks(config), initial_weights=initial)
+        states.append(trainer.run())
         if trainer.rank != 0:
             return None
         posterior = optimiser_posterior(trainer.optimizer, trainer.current_model(),
                                         n_samples=options.test_samples or None, sample_seed=config.seed)
-        return Fitted(posterior, summary([state]))
+        return Fitted(posterior, summary(states))
