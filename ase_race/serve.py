@@ -9,7 +9,9 @@ in Hartree, forces in Hartree/Bohr. The client converts with :mod:`ase.units`
 (CODATA 2014 in ASE; i-PI's own constants agree to 1e-7 relative). The protocol carries no
 atomic numbers, so the client is given a template structure: its species in i-PI's atom
 order, and its ``pbc`` (a periodic template gets i-PI's cell and returns the virial
-−V·stress; a molecule keeps its own cell and returns a zero virial).
+−V·stress; a molecule keeps its own cell and returns a zero virial). i-PI's own xyz files
+carry a cell for molecules too, and ASE reads them without one, so periodicity is never
+guessed from i-PI's cell: give ``pbc=True`` (``--pbc``) for a periodic system.
 
 Each result also carries a JSON ``extras`` string (i-PI keeps it per bead; print it with
 ``<trajectory extra_type="energy_std,max_forces_std"> extras </trajectory>``):
@@ -77,16 +79,27 @@ def unix_socket_path(address: str, sockets_prefix: str = SOCKETS_PREFIX) -> str:
     return address if "/" in address else f"{sockets_prefix}{address}"
 
 
-def _template(atoms) -> Atoms:
+def _template(atoms, pbc: bool | None = None) -> Atoms:
+    """The structure whose species, order and periodicity the client uses.
+
+    ``pbc`` None keeps the template's own; i-PI's xyz files always carry a cell (a molecule
+    sits in a box), which ASE does not read, so a periodic system given as i-PI's xyz needs
+    ``pbc=True``. A partly periodic template (a slab) is refused: i-PI's cell is all or nothing.
+    """
     if isinstance(atoms, Atoms):
-        template = atoms.copy()
+        template, where = atoms.copy(), "the template structure"
     else:
         from ase.io import read
 
-        template = read(str(atoms))
+        template, where = read(str(atoms)), f"the template structure {atoms}"
     template.calc = None
     if len(template) == 0:
-        raise StructureError("the template structure has no atoms")
+        raise StructureError(f"{where} has no atoms")
+    if pbc is not None:
+        template.pbc = bool(pbc)
+    if template.pbc.any() and not template.pbc.all():
+        raise StructureError(f"{where} is periodic in some directions only (pbc={template.pbc.tolist()}); "
+                             "i-PI's cell is periodic in all three or, for a molecule, ignored")
     return template
 
 
@@ -129,7 +142,7 @@ class Evaluator:
             raise StructureError(f"i-PI sent {len(positions)} atoms; the template structure has {len(atoms)} "
                                  f"({atoms.get_chemical_formula()})")
         atoms.positions = positions * units.Bohr
-        if atoms.pbc.any():
+        if self.periodic:
             atoms.cell = np.asarray(cell_bohr, dtype=np.float64).reshape(3, 3).T * units.Bohr
         energy = atoms.get_potential_energy()
         results = self.calc.results
@@ -356,6 +369,7 @@ def serve(
     atoms,
     sockets_prefix: str = SOCKETS_PREFIX,
     committee: str = "calibrated",
+    pbc: bool | None = None,
     connect_timeout: float = 60.0,
     log=None,
 ) -> int:
@@ -372,10 +386,16 @@ def serve(
         atoms: the template structure (an ``ase.Atoms`` or a file ase.io reads): species in
             i-PI's atom order, and pbc.
         committee: ``"calibrated"``, ``"raw"`` or ``"off"`` (module docstring).
+        pbc: True: periodic in all three directions (i-PI's cell is used and a virial
+            returned); False: a molecule; None: the template's own pbc. i-PI's xyz files
+            read as molecules, so a periodic system in i-PI's xyz needs True.
         connect_timeout: seconds to keep trying while the server is not up yet.
         log: a text stream for one-line progress messages (None: quiet).
     """
-    evaluator = Evaluator(_calculator(model_or_calc, device, dtype), _template(atoms), committee)
+    evaluator = Evaluator(_calculator(model_or_calc, device, dtype), _template(atoms, pbc), committee)
+    if log:
+        kind = "periodic (i-PI's cell, virial returned)" if evaluator.periodic else "a molecule (no cell, zero virial)"
+        print(f"ase-race serve: {evaluator.atoms.get_chemical_formula()}, {kind}", file=log, flush=True)
     sock = connect(address, unix=unix, port=port, sockets_prefix=sockets_prefix, timeout=connect_timeout)
     if log:
         where = unix_socket_path(address, sockets_prefix) if unix else f"{address}:{port}"

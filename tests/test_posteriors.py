@@ -435,15 +435,28 @@ def test_ivon_warm_start_is_amsgrad_then_ivon_from_its_best_weights(dimer_file, 
     torch.testing.assert_close(flat_parameters(fitted.posterior.model), flat_parameters(second.model), rtol=0, atol=0)
     hess = second.optimizer.param_groups[0]["hess"]
     assert not torch.allclose(hess, torch.full_like(hess, cfg.ivon.hess_init))  # IVON did step
-    # A rerun trains nothing more and gives the same posterior.
-    again = method_class("ivon")().fit(cfg, trainer.model_config, *sets)
+    # A rerun trains nothing more (both phases come from their checkpoints) and gives the same posterior.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_step", no_training)
+        again = method_class("ivon")().fit(cfg, trainer.model_config, *sets)
+    assert again.summary == fitted.summary
     torch.testing.assert_close(again.posterior.variance, fitted.posterior.variance, rtol=0, atol=0)
-    # A warm start stopped by max_time_s leaves IVON's initial posterior around its weights.
+    # A warm start stopped by max_time_s leaves IVON's initial posterior around its weights; a
+    # rerun without the limit finishes both phases where the whole run would have.
     short = cfg.replace(max_time_s=1e-9, output_dir=str(tmp_path / "short"))
     stopped = method_class("ivon")().fit(short, trainer.model_config, *sets)
+    assert stopped.summary["epochs"] == 1
     ess = sum(len(f.atoms) for f in trainer.train_set.frames)
     expected = 1.0 / (ess * (cfg.ivon.hess_init + cfg.ivon.weight_decay))
     torch.testing.assert_close(stopped.posterior.variance, torch.full_like(stopped.posterior.variance, expected))
+    resumed = method_class("ivon")().fit(short.replace(max_time_s=0), trainer.model_config, *sets)
+    assert resumed.summary["epochs"] == [2, 1]
+    torch.testing.assert_close(flat_parameters(resumed.posterior.model), flat_parameters(fitted.posterior.model),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(resumed.posterior.variance, fitted.posterior.variance, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="warm_start_epochs \\(3\\) must be below max_epochs \\(3\\)"):
         method_class("ivon")().fit(cfg.replace(ivon=cfg.ivon.__class__(warm_start_epochs=3)), trainer.model_config, *sets)
 

@@ -225,9 +225,11 @@ def test_periodic_cell_gives_the_virial_and_members_virials(server, short_dir):
     atoms.rattle(0.05, seed=4)
     atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.02, 0.0], [0.0, 1.0, 0.01], [0.0, 0.0, 1.0]]),
                    scale_atoms=True)  # triclinic: the cell's orientation on the wire matters
-    template = atoms.copy()
-    template.set_cell(np.eye(3) * 3.0, scale_atoms=False)  # only species and pbc come from the template
-    client = Client(calc, template, str(short_dir / "sock"), committee="raw")
+    # The template as i-PI's own xyz, which ASE reads as a molecule: --pbc makes it periodic, and
+    # only species and order come from it (its cell is not the one i-PI sends).
+    write_ipi_xyz(short_dir / "init.xyz", atoms, box=3.0)
+    assert not read(short_dir / "init.xyz").pbc.any()
+    client = Client(calc, short_dir / "init.xyz", str(short_dir / "sock"), committee="raw", pbc=True)
     server.accept()
     assert server.status() == "NEEDINIT"
     server.init()
@@ -339,6 +341,19 @@ def test_client_waits_for_a_server_started_later(short_dir, calc, ethanol):
         serve(calc, str(short_dir / "nobody"), atoms=ethanol, connect_timeout=0.2)
 
 
+def test_periodicity_is_the_templates_or_the_flags_and_never_partial(calc, ethanol):
+    from ase_race.serve import _template
+
+    box = ethanol.copy()
+    box.cell, box.pbc = np.eye(3) * 12.0, True
+    assert _template(box).pbc.all() and not _template(box, pbc=False).pbc.any()
+    assert _template(ethanol, pbc=True).pbc.all() and not _template(ethanol).pbc.any()
+    slab = box.copy()
+    slab.pbc = [True, True, False]
+    with pytest.raises(StructureError, match="periodic in some directions only"):
+        serve(calc, "unused", atoms=slab, connect_timeout=0.1)
+
+
 def test_socket_names_and_flags_follow_ipi():
     assert unix_socket_path("race") == "/tmp/ipi_race"  # i-PI's and ASE's place for a named socket
     assert unix_socket_path("/scratch/run/race") == "/scratch/run/race"
@@ -349,6 +364,9 @@ def test_socket_names_and_flags_follow_ipi():
     assert (args.unix, args.address, args.port, args.committee) == (True, "race", DEFAULT_PORT, "calibrated")
     args = parser.parse_args(["serve", "m.pt", "s.xyz", "-a", "node01", "-p", "31415", "--device", "cpu"])
     assert (args.unix, args.address, args.port, args.device) == (False, "node01", 31415, "cpu")
+    assert args.pbc is None
+    assert parser.parse_args(["serve", "m.pt", "s.xyz", "--pbc"]).pbc is True
+    assert parser.parse_args(["serve", "m.pt", "s.xyz", "--no-pbc"]).pbc is False
 
 
 # --- a real i-PI ---------------------------------------------------------------------------------

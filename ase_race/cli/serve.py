@@ -9,6 +9,7 @@ each answers until i-PI sends EXIT or closes the socket, then exits with status 
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .predict import add_device_options
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model", help="model file or shipped model name")
     p.add_argument("structure", help="template structure (any file ase.io reads, e.g. i-PI's initial xyz): "
-                                     "the species in i-PI's atom order, and pbc (periodic: a virial is returned)")
+                                     "the species in i-PI's atom order; its pbc unless --pbc or --no-pbc")
     p.add_argument("-a", "--address", default="localhost",
                    help="Unix socket name or path (with -u), else the server's host name")
     p.add_argument("-u", "--unix", action="store_true", help="connect through a Unix socket (one machine)")
@@ -39,6 +40,10 @@ def add_parser(sub) -> None:
                    help="members in the extras for ensembles and sampled posteriors: 'calibrated' spreads them so "
                         "i-PI's committee_uncertainty equals the calibrated epistemic std, 'raw' sends them as "
                         "evaluated, 'off' sends none")
+    p.add_argument("--pbc", action=argparse.BooleanOptionalAction, default=None,
+                   help="--pbc: periodic in all three directions (i-PI's cell, a virial returned), needed for a "
+                        "periodic system in i-PI's xyz, which ASE reads without a cell; --no-pbc: a molecule; "
+                        "neither: the template's own pbc")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="seconds to keep trying while the server is not up yet")
     add_device_options(p)
@@ -50,7 +55,7 @@ def run(args) -> int:
 
     count = serve(
         args.model, args.address, unix=args.unix, port=args.port, device=args.device, dtype=args.dtype,
-        atoms=args.structure, sockets_prefix=args.sockets_prefix, committee=args.committee,
+        atoms=args.structure, sockets_prefix=args.sockets_prefix, committee=args.committee, pbc=args.pbc,
         connect_timeout=args.connect_timeout, log=sys.stderr,
     )
     print(f"ase-race serve: evaluated {count} structures")

@@ -360,7 +360,7 @@ class Trainer:
         steps_left = max_steps
         start = time.perf_counter() - s.elapsed_s
         while s.epoch < cfg.max_epochs:
-            if cfg.max_time_s and s.step_in_epoch == 0 and s.elapsed_s > cfg.max_time_s:
+            if s.step_in_epoch == 0 and self._time_is_up():
                 break  # a finished time-limited run that is resumed (e.g. an ensemble member)
             if s.step_in_epoch == 0:
                 s.permutation = torch.randperm(n, generator=self.generator)
@@ -385,10 +385,19 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self._end_epoch(s.running_loss / max(n_batches, 1), time.perf_counter() - start)
-            if cfg.max_time_s and s.elapsed_s > cfg.max_time_s:
+            if self._time_is_up():
                 log.info("stopping: max_time_s=%s reached", cfg.max_time_s)
                 break
         return s
+
+    def _time_is_up(self) -> bool:
+        """Whether ``max_time_s`` has passed, on any rank: every rank's clock differs a little,
+        and ranks that disagree about stopping would wait for each other forever."""
+        limit = self.config.max_time_s
+        if not limit:
+            return False
+        up = torch.tensor([float(self.state.elapsed_s > limit)], device=self.device)
+        return bool(dist_utils.all_reduce_sum(up).item() > 0)
 
     def _end_epoch(self, train_loss: float, elapsed: float) -> None:
         s = self.state

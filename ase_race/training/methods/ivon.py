@@ -39,7 +39,8 @@ class IVONOptions(MethodOptions):
         test_samples: weight samples at prediction time (0 = 16).
         warm_start_epochs: the first epochs of ``max_epochs`` train the network with the
             config's Adam/AMSGrad (in ``output_dir/warm_start``); IVON starts from its best
-            weights for the remaining epochs (0 = IVON from the first step).
+            weights for the remaining epochs (0 = IVON from the first step);
+            ``max_time_s`` bounds each phase, as it bounds each ensemble member.
     """
 
     lr: float = 0.05
@@ -195,11 +196,12 @@ class IVON(Method):
             log.info("ivon: %d warm-start epochs with %s", warm, "AMSGrad" if config.amsgrad else "Adam")
             states.append(start.run())
             initial = start.best_model().state_dict()
-            if states[-1].epoch < warm:  # stopped by max_time_s: a rerun resumes the warm start
+            if states[-1].epoch < warm:  # stopped by max_time_s (all ranks agree on that)
                 if start.rank != 0:
                     return None
                 log.warning("ivon: the warm start stopped at epoch %d of %d (max_time_s); the model file holds "
-                            "IVON's initial posterior around it", states[-1].epoch, warm)
+                            "IVON's initial posterior around it; rerun with a larger max_time_s (or none) to "
+                            "continue", states[-1].epoch, warm)
                 hess = torch.full((sum(p.numel() for p in start.model.parameters()),), options.hess_init)
                 posterior = IVONPosterior.from_optimizer_state(
                     start.best_model(), hess, _ess(options, start), options.weight_decay,
