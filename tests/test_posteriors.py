@@ -444,6 +444,17 @@ def test_ivon_warm_start_is_amsgrad_then_ivon_from_its_best_weights(dimer_file, 
         again = method_class("ivon")().fit(cfg, trainer.model_config, *sets)
     assert again.summary == fitted.summary
     torch.testing.assert_close(again.posterior.variance, fitted.posterior.variance, rtol=0, atol=0)
+    # The warm start does not depend on IVON's options: a sweep of them reuses it.
+    import shutil
+
+    swept = cfg.replace(ivon={"ess": 123.0}, output_dir=str(tmp_path / "swept"))
+    shutil.copytree(tmp_path / "run" / "warm_start", tmp_path / "swept" / "warm_start")
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        step = Trainer.train_step
+        patch.setattr(Trainer, "train_step", lambda self, *a: calls.append(self.config.method) or step(self, *a))
+        method_class("ivon")().fit(swept, trainer.model_config, *sets)
+    assert calls and set(calls) == {"ivon"}  # only the IVON phase trained
     # A warm start stopped by max_time_s leaves IVON's initial posterior around its weights; a
     # rerun without the limit finishes both phases where the whole run would have.
     short = cfg.replace(max_time_s=1e-9, output_dir=str(tmp_path / "short"))

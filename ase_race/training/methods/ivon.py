@@ -190,7 +190,9 @@ class IVON(Method):
                               "IVON needs epochs of its own")
         initial, states = None, []
         if warm:
-            first = config.replace(max_epochs=warm, output_dir=str(Path(config.output_dir) / "warm_start"))
+            # An AMSGrad run like method mve's: its checkpoint does not depend on IVON's options, so
+            # a sweep of them can share one warm start (copy output_dir/warm_start).
+            first = config.replace(method="mve", max_epochs=warm, output_dir=str(Path(config.output_dir) / "warm_start"))
             start = Trainer(first, model_config, train, valid, on_step=on_step, in_memory=in_memory,
                             hooks=TrainingHooks())  # the config's Adam/AMSGrad
             log.info("ivon: %d warm-start epochs with %s", warm, "AMSGrad" if config.amsgrad else "Adam")
