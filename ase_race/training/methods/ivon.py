@@ -197,7 +197,8 @@ class IVON(Method):
                             hooks=TrainingHooks())  # the config's Adam/AMSGrad
             log.info("ivon: %d warm-start epochs with %s", warm, "AMSGrad" if config.amsgrad else "Adam")
             states.append(start.run())
-            initial = start.best_model().state_dict()
+            best = start.best_model()
+            initial = best.state_dict()
             if states[-1].epoch < warm:  # stopped by max_time_s (all ranks agree on that)
                 if start.rank != 0:
                     return None
@@ -206,7 +207,7 @@ class IVON(Method):
                             "continue", states[-1].epoch, warm)
                 hess = torch.full((sum(p.numel() for p in start.model.parameters()),), options.hess_init)
                 posterior = IVONPosterior.from_optimizer_state(
-                    start.best_model(), hess, _ess(options, start), options.weight_decay,
+                    best, hess, _ess(options, start), options.weight_decay,
                     n_samples=options.test_samples or None, sample_seed=config.seed)
                 return Fitted(posterior, summary(states))
             # the IVON phase: the remaining epochs and the rest of the mean-only warm-up, if any
