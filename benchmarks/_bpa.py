@@ -22,3 +22,22 @@ def mixed_temperature_test_set(out: Path) -> Path:
           f"{len(unique)} kept")
     write(path, unique, format="extxyz")
     return path
+
+
+def md_temperatures(energies, energies_300k, temperatures=(300.0, 600.0, 1200.0)) -> np.ndarray:
+    """The MD temperature each frame most likely came from (K), from its potential energy.
+
+    ``train_mixedT.xyz`` does not record which of its 300/600/1200 K trajectories a frame is
+    from. For a harmonic molecule in equilibrium at T, the potential energy above the minimum
+    is Gaussian with mean (3N−6)/2·k_BT and std √((3N−6)/2)·k_BT (equipartition; the 300 K file
+    has std 0.165 eV where this gives 0.158). The minimum is placed from the 300 K file's mean,
+    and each frame takes the temperature of highest likelihood. Shapes: (F,) → (F,).
+    """
+    kb = 8.617333262e-5  # eV/K
+    dof = 3 * 27 - 6  # 3BPA
+    t = np.asarray(temperatures, float)
+    e_min = float(np.mean(energies_300k)) - dof / 2 * kb * 300.0
+    x = np.asarray(energies, float)[:, None] - e_min
+    mean, std = dof / 2 * kb * t, np.sqrt(dof / 2) * kb * t
+    loglik = -0.5 * ((x - mean) / std) ** 2 - np.log(std)
+    return t[np.argmax(loglik, axis=1)]

@@ -396,7 +396,8 @@ def _trainer(config_kw, dimer_file, out):
 def test_ivon_posterior_is_the_optimiser_state_and_survives_the_file(dimer_file, tmp_path):
     from ase_race.training.methods import method_class
 
-    cfg, trainer = _trainer({"method": "ivon"}, dimer_file, tmp_path / "run")
+    # IVON from the first step: the hand-run Trainer below is the whole run
+    cfg, trainer = _trainer({"method": "ivon", "ivon": {"warm_start": 0}}, dimer_file, tmp_path / "run")
     trainer.run()
     group = trainer.optimizer.param_groups[0]
     # The method's fit resumes the finished run from its checkpoint and exports the optimiser's state.
@@ -416,7 +417,7 @@ def test_ivon_warm_start_is_amsgrad_then_ivon_from_its_best_weights(dimer_file, 
     from ase_race.training.loop import Trainer, TrainingHooks
     from ase_race.training.methods import method_class
 
-    cfg, trainer = _trainer({"method": "ivon", "ivon": {"warm_start_epochs": 2}, "max_epochs": 3}, dimer_file,
+    cfg, trainer = _trainer({"method": "ivon", "ivon": {"warm_start": 2}, "max_epochs": 3}, dimer_file,
                             tmp_path / "run")
     fitted = method_class("ivon")().fit(cfg, trainer.model_config, trainer.train_set, trainer.valid_set)
     assert fitted.summary["epochs"] == [2, 1]
@@ -469,8 +470,21 @@ def test_ivon_warm_start_is_amsgrad_then_ivon_from_its_best_weights(dimer_file, 
     torch.testing.assert_close(flat_parameters(resumed.posterior.model), flat_parameters(fitted.posterior.model),
                                rtol=0, atol=0)
     torch.testing.assert_close(resumed.posterior.variance, fitted.posterior.variance, rtol=0, atol=0)
-    with pytest.raises(ConfigError, match="warm_start_epochs \\(3\\) must be below max_epochs \\(3\\)"):
-        method_class("ivon")().fit(cfg.replace(ivon=cfg.ivon.__class__(warm_start_epochs=3)), trainer.model_config, *sets)
+    with pytest.raises(ConfigError, match="warm_start \\(3 epochs\\) must be below max_epochs \\(3\\)"):
+        method_class("ivon")().fit(cfg.replace(ivon=cfg.ivon.__class__(warm_start=3)), trainer.model_config, *sets)
+
+
+def test_ivon_warm_start_counts_or_fractions_of_max_epochs():
+    from ase_race.errors import ConfigError
+    from ase_race.training.methods.ivon import IVONOptions
+
+    assert IVONOptions().warm_start_epochs(60) == 45  # the default: three quarters
+    assert IVONOptions(warm_start=0.5).warm_start_epochs(7) == 3  # rounded down
+    assert IVONOptions().warm_start_epochs(1) == 0 and IVONOptions().warm_start_epochs(2) == 1  # IVON keeps ≥ 1
+    assert IVONOptions(warm_start=10).warm_start_epochs(60) == 10 and IVONOptions(warm_start=0).warm_start_epochs(9) == 0
+    for bad in (-1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="ivon.warm_start must be"):
+            IVONOptions(warm_start=bad)
 
 
 @pytest.mark.parametrize("method", ["ivon", "swag"])

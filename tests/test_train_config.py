@@ -237,7 +237,7 @@ def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(method, emt_file, tm
     flat = {k: v for k, v in data["train_config"].items() if k not in registered_methods()}
     flat.update({f"swag_{k}": v for k, v in data["train_config"]["swag"].items() if k != "test_samples"})
     flat.update({f"ivon_{k}": v for k, v in data["train_config"]["ivon"].items()
-                 if k not in ("test_samples", "warm_start_epochs")})  # options newer than the flat layout
+                 if k not in ("test_samples", "warm_start")})  # options newer than the flat layout
     flat.update(members=10, test_samples=0, laplace_subset="all", laplace_prior_precision=0.0,
                 laplace_noise="residual", base_model="")
     state = data.pop("method_state")
