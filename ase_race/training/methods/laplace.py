@@ -227,8 +227,8 @@ def fit_diag_laplace(
         loss = -la.log_marginal_likelihood(log_alpha.exp(), log_sigma.exp())
         loss.backward()
         optimiser.step()
-    la.prior_precision = float(log_alpha.exp())
-    la.sigma_noise = float(log_sigma.exp())
+    la.prior_precision = float(log_alpha.detach().exp())
+    la.sigma_noise = float(log_sigma.detach().exp())
     variance = la.posterior_variance.detach().double().cpu()
     variance[la.H.detach().cpu() == 0] = 0.0
     hyper = {
