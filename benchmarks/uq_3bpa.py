@@ -69,10 +69,11 @@ def base_config(args, loss: str, out: Path) -> TrainConfig:
     return TrainConfig(
         train_file=str(DATA / "train_300K.xyz"), e0s_file=str(DATA / "iso_atoms.xyz"), e0s="isolated",
         energy_key="energy", forces_key="forces", valid_fraction=50, preset=args.preset,
-        model={"dtype": "float32", **({"num_layers": args.layers} if args.layers else {})}, loss=loss, energy_weight=1.0, forces_weight=1.0,
+        model={"dtype": "float32", **({"num_layers": args.layers} if args.layers else {})},
+        loss=loss, energy_weight=1.0, forces_weight=1.0,
         warmup_epochs=0 if loss == "mse" else args.warmup, batch_size=8, max_epochs=args.epochs, lr=0.01,
-        clip_grad=10.0, plateau_patience=8, ensemble={"members": args.members}, seed=args.seed, output_dir=str(out), model_name="model",
-        checkpoint_every=500,
+        clip_grad=10.0, plateau_patience=8, ensemble={"members": args.members}, seed=args.seed,
+        output_dir=str(out), model_name="model", checkpoint_every=500,
     )
 
 
@@ -121,8 +122,8 @@ def evaluate(path: Path, loss: str, valid_frames, test, temps: np.ndarray, figur
     bundle.calibration = Calibration()
     v, t = gather(bundle, valid_frames), gather(bundle, test)
     part = "epistemic" if loss == "mse" else "total"
+    temps_of = {"energy": temps, "forces": np.repeat(temps, 3 * t.n_atoms)}  # (F,) and (3n,) per component
     hot = temps > 300.0
-    atom_hot = np.repeat(hot, 3 * t.n_atoms)  # (3n,) per force component
     row: dict = {"variance": part, "mae_by_T": {}}
     for name, gv, gt in (("energy", v.energy_var, t.energy_var), ("forces", v.forces_var, t.forces_var)):
         ref_v, pred_v = (v.energy_ref, v.energy_pred) if name == "energy" else (v.forces_ref, v.forces_pred)
@@ -131,8 +132,8 @@ def evaluate(path: Path, loss: str, valid_frames, test, temps: np.ndarray, figur
         std_v, std_t = np.sqrt(gv[part] + floor), np.sqrt(gt[part] + floor)
         err_v, err_t = ref_v - pred_v, ref_t - pred_t
         scale = variance_scale(err_v, std_v)
-        mask = hot if name == "energy" else atom_hot
-        by_t = temps if name == "energy" else np.repeat(temps, 3 * t.n_atoms)
+        by_t = temps_of[name]
+        mask = by_t > 300.0
         row["mae_by_T"][name] = {str(int(k)): float(np.mean(np.abs(err_t[by_t == k]))) for k in np.unique(temps)}
         row[name] = {
             "mae": float(np.mean(np.abs(err_t))), "rmse": float(np.sqrt(np.mean(err_t**2))),
@@ -199,7 +200,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="mean-only epochs before an NLL switches on")
     p.add_argument("--swag-epochs", type=int, default=15, help="SWAG: extra epochs collecting snapshots")
     p.add_argument("--members", type=int, default=3)
-    p.add_argument("--ivon-warm", type=float, default=0.75, help="IVON: AMSGrad epochs before IVON (a count, or a fraction of --epochs below 1)")
+    p.add_argument("--ivon-warm", type=float, default=0.75,
+                   help="IVON: AMSGrad epochs before IVON (a count, or a fraction of --epochs below 1)")
     p.add_argument("--ivon-beta2", type=float, default=0.999, help="IVON: Hessian averaging β₂")
     p.add_argument("--fit-only", action="store_true", help="train the rows' model files, evaluate nothing")
     p.add_argument("--seed", type=int, default=0)
