@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/active_learning.py [--sizes 10,20,50,100,200] [--seeds 0]
         [--strategies random,energy-std,bald-e,bald-f,bald-ef] [--members 2] [--preset tiny]
-        [--out runs/active_learning]
+        [--layers L] [--out runs/active_learning]
 
 Pool: ``train_300K.xyz`` less a fixed, seeded set of validation frames (every round selects
 its best epoch on them). Test: the mixed-temperature file less the 31 frames it shares with
@@ -38,8 +38,9 @@ KEYS = KeyMap(energy="energy", forces="forces")
 def config(args, valid_file: Path) -> TrainConfig:
     return TrainConfig(
         valid_file=str(valid_file), e0s_file=str(DATA / "iso_atoms.xyz"), e0s="isolated", preset=args.preset,
-        model={"dtype": "float32"}, method="ensemble", ensemble={"members": args.members}, loss="nll_jef", energy_weight=1.0,
-        forces_weight=1.0, warmup_epochs=20, batch_size=4, lr=0.01, plateau_patience=8, checkpoint_every=1000,
+        model={"dtype": "float32", **({"num_layers": args.layers} if args.layers else {})},
+        method="ensemble", ensemble={"members": args.members}, loss="nll_jef", energy_weight=1.0, forces_weight=1.0,
+        warmup_epochs=20, batch_size=4, lr=0.01, plateau_patience=8, checkpoint_every=1000,
     )
 
 
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("--strategies", default="random,energy-std,bald-e,bald-f,bald-ef")
     p.add_argument("--members", type=int, default=2)
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--layers", type=int, default=0, help="interaction layers (0: the preset's)")
     p.add_argument("--n-valid", type=int, default=10)
     p.add_argument("--structures-per-round", type=int, default=2000,
                    help="epochs per round = this / labelled size (at least --min-epochs)")
@@ -113,7 +115,8 @@ def main() -> None:
     def spread(strategy, what):
         return np.std([[getattr(r, what) for r in curves[strategy, s]] for s in seeds], axis=0)
 
-    print(f"\n3BPA active learning: preset {args.preset}, {args.members}-member ensembles, seeds {seeds}; "
+    layers = f" with {args.layers} layers" if args.layers else ""
+    print(f"\n3BPA active learning: preset {args.preset}{layers}, {args.members}-member ensembles, seeds {seeds}; "
           f"test = {len(test)} mixed-temperature frames; mean ± std over seeds")
     for what, label in (("forces_mae", "force MAE (meV/Å)"), ("energy_mae", "energy MAE (meV)")):
         print(f"\n{label}")
