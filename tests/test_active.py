@@ -128,6 +128,13 @@ def test_active_learning_loop_prospective_resumes_and_follows_the_acquisition(tm
     again = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test, seed=4)
     assert calls == [] and (out / "round_02" / "model.pt").stat().st_mtime_ns == stamp
     assert [r.forces_mae for r in again] == pytest.approx([r.forces_mae for r in curve])
+    # ... and reuses the recorded test errors and wall times instead of re-evaluating,
+    assert [r.wall_s for r in again] == [r.wall_s for r in curve]
+    assert read_curve(out / "learning_curve.csv") == written
+    # unless the test set changed: then every round is evaluated on the new one.
+    fewer = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test[:1], seed=4)
+    assert calls == [] and all(a.wall_s != b.wall_s for a, b in zip(fewer, curve))
+    assert read_curve(out / "learning_curve.csv")[-1].forces_mae == pytest.approx(fewer[-1].forces_mae)
     with pytest.raises(Exception, match="strategy 'bald-f'"):
         active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "random", out, seed=4)
     with pytest.raises(Exception, match="increasing"):

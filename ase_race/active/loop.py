@@ -25,6 +25,7 @@ checkpoint, and labels already computed are not requested again.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -174,6 +175,14 @@ def active_learn(
     if not rounds:
         rounds.append(sorted(np.random.default_rng(seed).permutation(len(pool))[: sizes[0]].tolist()))
         atomic_write_text(state_path, json.dumps(state, indent=1))
+    # Test errors recorded by an earlier run are reused only for the same test set.
+    digest = _test_digest(test) if test else None
+    curve_path = out / "learning_curve.csv"
+    recorded = {r.round: r for r in read_curve(curve_path)} if (
+        curve_path.exists() and digest is not None and state.get("test_digest") == digest) else {}
+    if state.get("test_digest") != digest:
+        state["test_digest"] = digest
+        atomic_write_text(state_path, json.dumps(state, indent=1))
     descriptors = np.stack([rdf_descriptor(a) for a in pool]) if diversity > 0 else None
 
     curve: list[RoundResult] = []
@@ -209,6 +218,10 @@ def active_learn(
                 round_config = round_config.replace(max_epochs=epochs_for(size, structures_per_round, min_epochs))
             bundle = fit(round_config, train=frames)
             save_model(model_path, bundle.posterior, metadata=bundle.metadata)
+        done = recorded.get(k)
+        if done is not None and done.n_train == size and (k + 1 == len(sizes) or len(rounds) > k + 1):
+            curve.append(done)  # a finished round of this run: its errors and wall time as measured
+            continue
         result = RoundResult(k, size, *(_test_errors(gather(bundle, list(test))) if test else (math.nan,) * 4),
                              wall_s=time.perf_counter() - start)
         if k + 1 < len(sizes) and len(rounds) == k + 1:
@@ -236,6 +249,18 @@ def _fine_tune_round(previous, previous_path: str, frames: list[Frame], config: 
     metadata = {**previous.metadata, "active_learning": {"fine_tuned_from": previous_path, "epochs": epochs, "lr": lr,
                                                          "n_train": len(frames)}}
     return ModelBundle(tuned, previous.calibration, metadata)
+
+
+def _test_digest(test: Sequence[Frame]) -> str:
+    """SHA-256 of the test set's species, positions and labels (in order)."""
+    h = hashlib.sha256()
+    for f in test:
+        h.update(np.asarray(f.atoms.numbers, dtype=np.int64).tobytes())
+        h.update(np.asarray(f.atoms.positions, dtype=np.float64).tobytes())
+        h.update(np.float64(math.nan if f.energy is None else f.energy).tobytes())
+        if f.forces is not None:
+            h.update(np.asarray(f.forces, dtype=np.float64).tobytes())
+    return h.hexdigest()
 
 
 def _test_errors(g) -> tuple[float, float, float, float]:
