@@ -1,6 +1,6 @@
 """Active learning on 3BPA: does BALD reach random sampling's accuracy with half the data?
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning.py [--sizes 10,20,50,100,200] [--seeds 0]
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py [--sizes 10,20,50,100,200] [--seeds 0] [--report]
         [--strategies random,energy-std,bald-e,bald-f,bald-ef] [--members 2] [--preset tiny]
         [--layers L] [--out runs/active_learning]
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from ase.io import write
 
-from ase_race.active.loop import active_learn, label_from_pool, plot_curves
+from ase_race.active.loop import active_learn, label_from_pool, plot_curves, read_curve
 from ase_race.training import TrainConfig
 from ase_race.data import KeyMap, read_frames, split_frames
 
@@ -55,6 +55,16 @@ def interpolate_size(curve_n, curve_mae, target: float) -> float:
     return float(curve_n[0]) if curve_mae[0] <= target else float("nan")
 
 
+def recorded_curve(path: Path, sizes: list[int]) -> list:
+    """The learning curve a finished run wrote, checked against ``sizes``."""
+    if not path.exists():
+        raise SystemExit(f"{path}: no learning curve (run without --report first)")
+    curve = read_curve(path)
+    if [r.n_train for r in curve] != sizes:
+        raise SystemExit(f"{path}: sizes {[r.n_train for r in curve]}, expected {sizes} (run unfinished?)")
+    return curve
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10,20,50,100,200")
@@ -69,6 +79,8 @@ def main() -> None:
     p.add_argument("--min-epochs", type=int, default=10)
     p.add_argument("--cold", action="store_true", help="train every round from scratch instead of fine-tuning")
     p.add_argument("--out", default="runs/active_learning")
+    p.add_argument("--report", action="store_true",
+                   help="tabulate the finished runs under --out from their learning curves; train nothing")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ase_race.active").setLevel(logging.INFO)
@@ -94,6 +106,9 @@ def main() -> None:
             first = root / f"seed{seed}" / strategies[0] / "round_00"
             if strategy != strategies[0] and not (out / "round_00").exists() and (first / "model.pt").exists():
                 shutil.copytree(first, out / "round_00")  # same seed → same initial set and models
+            if args.report:
+                curves[strategy, seed] = recorded_curve(out / "learning_curve.csv", sizes)
+                continue
             curves[strategy, seed] = active_learn(
                 pool, label_from_pool(pool_frames), base.replace(seed=seed), sizes, strategy, out, test=test,
                 seed=seed, structures_per_round=args.structures_per_round, min_epochs=args.min_epochs,
@@ -116,6 +131,9 @@ def main() -> None:
         return np.std([[getattr(r, what) for r in curves[strategy, s]] for s in seeds], axis=0)
 
     layers = f" with {args.layers} layers" if args.layers else ""
+    for seed in seeds:
+        wall = sum(r.wall_s for strategy in strategies for r in curves[strategy, seed])
+        print(f"seed {seed}: {wall / 60:.0f} wall minutes of one thread, all strategies")
     print(f"\n3BPA active learning: preset {args.preset}{layers}, {args.members}-member ensembles, seeds {seeds}; "
           f"test = {len(test)} mixed-temperature frames; mean ± std over seeds")
     for what, label in (("forces_mae", "force MAE (meV/Å)"), ("energy_mae", "energy MAE (meV)")):
@@ -125,12 +143,16 @@ def main() -> None:
             m, s = 1e3 * mean_curve(strategy, what), 1e3 * spread(strategy, what)
             print(f"{strategy:>11} " + " ".join(f"{a:7.1f} ±{b:5.1f}" for a, b in zip(m, s)))
     if "random" in strategies:
-        target = mean_curve("random", "forces_mae")[-1]
-        print(f"\nlabelled structures needed to reach random sampling's force MAE at {sizes[-1]} "
-              f"({1e3 * target:.1f} meV/Å), log-interpolated on the mean curves:")
-        for strategy in strategies:
-            need = interpolate_size(sizes, mean_curve(strategy, "forces_mae"), target)
-            print(f"{strategy:>11} {need:8.0f}" + ("" if np.isfinite(need) else "  (not reached)"))
+        for what, label in (("forces_mae", "force"), ("energy_mae", "energy")):
+            target = mean_curve("random", what)[-1]
+            print(f"\nlabelled structures needed to reach random sampling's {label} MAE at {sizes[-1]} "
+                  f"(log-interpolated; 'mean': on the mean curves, then each seed against its own random run):")
+            print(f"{'strategy':>11} {'mean':>8} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds))
+            for strategy in strategies:
+                need = [interpolate_size(sizes, mean_curve(strategy, what), target)] + [
+                    interpolate_size(sizes, [getattr(r, what) for r in curves[strategy, s]],
+                                     getattr(curves["random", s][-1], what)) for s in seeds]
+                print(f"{strategy:>11} " + " ".join(f"{n:8.0f}" for n in need))
     mean_curves = {s: [type(c[0])(0, n, e, 0.0, f, 0.0, 0.0) for n, e, f in zip(
         sizes, mean_curve(s, "energy_mae"), mean_curve(s, "forces_mae"))] for s in strategies for c in [curves[s, seeds[0]]]}
     plot_curves(mean_curves, root / "learning_curves.png",
