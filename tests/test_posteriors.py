@@ -487,6 +487,21 @@ def test_ivon_warm_start_counts_or_fractions_of_max_epochs():
             IVONOptions(warm_start=bad)
 
 
+def test_earlier_configs_with_ivon_warm_start_epochs_still_read():
+    from ase_race.errors import ConfigError
+    from ase_race.training import TrainConfig
+
+    # What an earlier release's to_dict() wrote, and so what its checkpoints hold, whatever the method.
+    earlier = TrainConfig(method="ensemble").to_dict()
+    earlier["ivon"] = {k: v for k, v in earlier["ivon"].items() if k != "warm_start"} | {"warm_start_epochs": 0}
+    with pytest.warns(FutureWarning, match="IVONOptions: option .warm_start_epochs. is deprecated"):
+        config = TrainConfig.from_dict(earlier)
+    assert config.ivon.warm_start == 0 and config.ivon.warm_start_epochs(20) == 0  # IVON from scratch, as then
+    earlier["ivon"]["warm_start"] = 5
+    with pytest.raises(ConfigError, match="'warm_start' only"):
+        TrainConfig.from_dict(earlier)
+
+
 @pytest.mark.parametrize("method", ["ivon", "swag"])
 def test_interrupted_ivon_and_swag_runs_resume_exactly(method, dimer_file, tmp_path):
     extra = {"method": method, "swag": {"start_epoch": 0, "rank": 2}, "max_epochs": 3}

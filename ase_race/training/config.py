@@ -267,7 +267,11 @@ def _section(method, kind: str, value: Any) -> Any:
 def _merge(method, kind: str, current: Any, value: Any) -> Any:
     """``current`` updated by the keys of ``value`` (a dict), or ``value`` itself (an instance)."""
     if isinstance(value, Mapping) and current is not None:
-        return method.Options.from_dict({**dataclasses.asdict(current), **value})
+        base = dataclasses.asdict(current)
+        for old, new in method.Options.renamed.items():
+            if old in value:
+                base.pop(new, None)  # the value's earlier name replaces it
+        return method.Options.from_dict({**base, **value})
     return _section(method, kind, value)
 
 

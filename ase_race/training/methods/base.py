@@ -10,6 +10,7 @@ config and the CLI. The predictive side of the same method is a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -26,9 +27,19 @@ class MethodOptions:
     #: option names that change the training run itself: a checkpoint resumes only when they
     #: match (the others act after training, e.g. the number of test samples).
     training_keys: ClassVar[tuple[str, ...]] = ()
+    #: option names of earlier releases → their names now (configs and checkpoints that hold
+    #: them are read, with a FutureWarning).
+    renamed: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise ConfigError(f"{cls.__name__}: give {new!r} only ({old!r} is its earlier name)")
+                warnings.warn(f"{cls.__name__}: option {old!r} is deprecated; write {new!r} instead", FutureWarning, stacklevel=2)
+                data[new] = data.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -57,6 +57,7 @@ class IVONOptions(MethodOptions):
 
     training_keys = ("lr", "ess", "hess_init", "beta2", "weight_decay", "train_samples", "clip_radius",
                      "warm_start")
+    renamed = {"warm_start_epochs": "warm_start"}  # a count then, which warm_start reads the same
 
     def __post_init__(self) -> None:
         if self.train_samples < 1:
