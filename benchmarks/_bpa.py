@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from ase.io import read, write
+
+from ase_race.modelfile import atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"
 
@@ -20,8 +23,15 @@ def mixed_temperature_test_set(out: Path) -> Path:
     unique = [a for a in mixed if np.round(a.positions, 5).tobytes() not in seen]
     print(f"test set: {len(mixed)} mixed-temperature frames, {len(mixed) - len(unique)} shared with the 300 K file, "
           f"{len(unique)} kept")
-    write(path, unique, format="extxyz")
+    write_extxyz(path, unique)
     return path
+
+
+def write_extxyz(path: Path, frames) -> None:
+    """Write ``frames`` to ``path`` atomically: benchmark processes started side by side share these files."""
+    buffer = io.StringIO()
+    write(buffer, frames, format="extxyz")
+    atomic_write_text(path, buffer.getvalue())
 
 
 def md_temperatures(energies, energies_300k, temperatures=(300.0, 600.0, 1200.0)) -> np.ndarray:

@@ -24,13 +24,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from ase.io import write
 
 from ase_race.active.loop import active_learn, label_from_pool, plot_curves, read_curve
 from ase_race.training import TrainConfig
 from ase_race.data import KeyMap, read_frames, split_frames
 
-from _bpa import DATA, mixed_temperature_test_set
+from _bpa import DATA, mixed_temperature_test_set, write_extxyz
 
 KEYS = KeyMap(energy="energy", forces="forces")
 
@@ -94,7 +93,7 @@ def main() -> None:
     pool_frames, valid_frames = split_frames(frames, args.n_valid, seed=12345)
     valid_file = root / "valid.extxyz"
     if not valid_file.exists():
-        write(valid_file, [label_from_pool(valid_frames)(i) for i in range(len(valid_frames))], format="extxyz")
+        write_extxyz(valid_file, [label_from_pool(valid_frames)(i) for i in range(len(valid_frames))])
     test = read_frames(mixed_temperature_test_set(root), keys=KEYS)
     pool = [f.atoms for f in pool_frames]
     base = config(args, valid_file)
