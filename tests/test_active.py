@@ -131,10 +131,19 @@ def test_active_learning_loop_prospective_resumes_and_follows_the_acquisition(tm
     # ... and reuses the recorded test errors and wall times instead of re-evaluating,
     assert [r.wall_s for r in again] == [r.wall_s for r in curve]
     assert read_curve(out / "learning_curve.csv") == written
-    # unless the test set changed: then every round is evaluated on the new one.
+    # unless the test set changed: then every round is evaluated on the new one, and its wall
+    # time is the recorded labelling and training time plus that evaluation.
+    train_s = [json.loads((out / "state.json").read_text())["rounds"][str(k)]["train_s"] for k in range(3)]
     fewer = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test[:1], seed=4)
-    assert calls == [] and all(a.wall_s != b.wall_s for a, b in zip(fewer, curve))
+    assert calls == [] and all(a.forces_mae != b.forces_mae for a, b in zip(fewer, curve))
+    assert all(t < r.wall_s for t, r in zip(train_s, fewer))
     assert read_curve(out / "learning_curve.csv")[-1].forces_mae == pytest.approx(fewer[-1].forces_mae)
+    # A round whose model is removed is trained again, and only that row is measured again.
+    (out / "round_02" / "model.pt").unlink()
+    retrained = active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "bald-f", out, test=test[:1], seed=4)
+    assert calls == [] and [r.wall_s for r in retrained[:2]] == [r.wall_s for r in fewer[:2]]
+    assert retrained[2].wall_s != fewer[2].wall_s
+    assert json.loads((out / "state.json").read_text())["rounds"]["2"]["train_s"] != train_s[2]
     with pytest.raises(Exception, match="strategy 'bald-f'"):
         active_learn(pool, label, _tiny_config(tmp_path), [3, 5, 8], "random", out, seed=4)
     with pytest.raises(Exception, match="increasing"):

@@ -14,12 +14,17 @@ On disk, under ``out_dir``::
 
     round_00/train.extxyz   labelled set of round 0 (REF_energy, REF_forces, pool_index)
     round_00/model.pt       the posterior trained on it (plus its checkpoints)
-    state.json              labelled pool indices per round (written atomically)
+    state.json              labelled pool indices per round; per round, the seconds spent labelling
+                            and training, and which model file and test set its curve row measured
+                            (written atomically)
     learning_curve.csv      size, energy/force MAE and RMSE on the test set (meV, meV/Å), wall time
 
 Each round trains from its labelled structures in memory; the files are its record. A killed
 loop resumes: finished rounds are read back, an unfinished training run resumes from its
-checkpoint, and labels already computed are not requested again.
+checkpoint, and labels already computed are not requested again. A round's curve row is reused
+only while its model file (size and modification time) and the test set (SHA-256 of species,
+positions, cell and labels) are the ones it was measured with; otherwise the round is evaluated
+again, and its wall time is the recorded labelling and training time plus this evaluation.
 """
 
 from __future__ import annotations
@@ -175,14 +180,12 @@ def active_learn(
     if not rounds:
         rounds.append(sorted(np.random.default_rng(seed).permutation(len(pool))[: sizes[0]].tolist()))
         atomic_write_text(state_path, json.dumps(state, indent=1))
-    # Test errors recorded by an earlier run are reused only for the same test set.
     digest = _test_digest(test) if test else None
     curve_path = out / "learning_curve.csv"
-    recorded = {r.round: r for r in read_curve(curve_path)} if (
-        curve_path.exists() and digest is not None and state.get("test_digest") == digest) else {}
-    if state.get("test_digest") != digest:
-        state["test_digest"] = digest
-        atomic_write_text(state_path, json.dumps(state, indent=1))
+    recorded = {r.round: r for r in read_curve(curve_path)} if curve_path.exists() else {}
+    # round → {"train_s": labelling and training seconds, "model": stamp, "test_digest": ...}
+    records: dict[str, dict] = state.setdefault("rounds", {})
+    state.pop("test_digest", None)  # one digest for the whole curve, as written before per-round records
     descriptors = np.stack([rdf_descriptor(a) for a in pool]) if diversity > 0 else None
 
     curve: list[RoundResult] = []
@@ -204,7 +207,8 @@ def active_learn(
         known.update({int(a.info["pool_index"]): a for a in read(train_file, ":")})
         frames = as_frames([known[i] for i in labelled], LABEL_KEYS, "labelled structure")
         model_path = round_dir / "model.pt"
-        if model_path.exists():
+        trained = not model_path.exists()
+        if not trained:
             bundle = load_model(model_path)
         elif warm_start and k > 0:
             bundle = _fine_tune_round(bundle, str(out / f"round_{k - 1:02d}" / "model.pt"), frames, config,
@@ -218,12 +222,20 @@ def active_learn(
                 round_config = round_config.replace(max_epochs=epochs_for(size, structures_per_round, min_epochs))
             bundle = fit(round_config, train=frames)
             save_model(model_path, bundle.posterior, metadata=bundle.metadata)
+        record = records.get(str(k), {})
+        if trained:
+            record = records[str(k)] = {"train_s": time.perf_counter() - start}
+            atomic_write_text(state_path, json.dumps(state, indent=1))
+        stamp = _file_stamp(model_path)
         done = recorded.get(k)
-        if done is not None and done.n_train == size and (k + 1 == len(sizes) or len(rounds) > k + 1):
-            curve.append(done)  # a finished round of this run: its errors and wall time as measured
+        if (done is not None and done.n_train == size and digest is not None and record.get("model") == stamp
+                and record.get("test_digest") == digest and (k + 1 == len(sizes) or len(rounds) > k + 1)):
+            curve.append(done)  # measured on this model and this test set: its errors and wall time
             continue
+        # A loaded model's labelling and training time is the recorded one (0 for runs that predate it).
+        spent = 0.0 if trained else record.get("train_s", 0.0)
         result = RoundResult(k, size, *(_test_errors(gather(bundle, list(test))) if test else (math.nan,) * 4),
-                             wall_s=time.perf_counter() - start)
+                             wall_s=math.nan)
         if k + 1 < len(sizes) and len(rounds) == k + 1:
             rest = np.setdiff1d(np.arange(len(pool)), labelled)
             calc = None if strategy == "random" else RACECalculator(bundle, device=device)
@@ -231,9 +243,12 @@ def active_learn(
             chosen = select(scores, sizes[k + 1] - size, diversity, descriptors[rest] if descriptors is not None else None)
             rounds.append(sorted(labelled + [int(rest[j]) for j in chosen]))
             atomic_write_text(state_path, json.dumps(state, indent=1))
-        result.wall_s = time.perf_counter() - start
+        result.wall_s = spent + time.perf_counter() - start
         curve.append(result)
-        write_curve(curve, out / "learning_curve.csv")
+        write_curve(curve, curve_path)
+        record.update(model=stamp, test_digest=digest)  # after the row: a kill in between re-evaluates
+        records[str(k)] = record
+        atomic_write_text(state_path, json.dumps(state, indent=1))
         log.info("round %d: %d labelled, E MAE %.4g meV, F MAE %.4g meV/Å", k, size, 1e3 * result.energy_mae,
                  1e3 * result.forces_mae)
     return curve
@@ -251,12 +266,22 @@ def _fine_tune_round(previous, previous_path: str, frames: list[Frame], config: 
     return ModelBundle(tuned, previous.calibration, metadata)
 
 
+def _file_stamp(path: Path) -> list[int]:
+    """[size, modification time in ns] of a file: model files are replaced atomically, so a new one differs."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _test_digest(test: Sequence[Frame]) -> str:
-    """SHA-256 of the test set's species, positions and labels (in order)."""
+    """SHA-256 of the test set's species, positions, cells, periodicity and labels (in order)."""
     h = hashlib.sha256()
     for f in test:
+        h.update(np.int64(len(f.atoms)).tobytes())
         h.update(np.asarray(f.atoms.numbers, dtype=np.int64).tobytes())
         h.update(np.asarray(f.atoms.positions, dtype=np.float64).tobytes())
+        h.update(np.asarray(f.atoms.cell.array, dtype=np.float64).tobytes())
+        h.update(np.asarray(f.atoms.pbc, dtype=np.uint8).tobytes())
+        h.update(b"F" if f.forces is not None else b"-")
         h.update(np.float64(math.nan if f.energy is None else f.energy).tobytes())
         if f.forces is not None:
             h.update(np.asarray(f.forces, dtype=np.float64).tobytes())
