@@ -1,11 +1,26 @@
-"""Exceptions raised by ``ase_race``, rooted in ASE's calculator error family.
+"""Exceptions raised by ``ase_race``, rooted in ASE's calculator error family, and how it warns.
 
 Catching :class:`ase.calculators.calculator.CalculatorError` catches all of them, and each
 also derives from the builtin a caller would naturally expect (``ValueError`` for bad input,
 ``ReadError`` for an unreadable model file).
 """
 
+import os
+import sys
+import warnings
+
 from ase.calculators.calculator import CalculatorError, InputError, ReadError
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_caller(message: str, category: type[Warning] = FutureWarning) -> None:
+    """Warn at the first frame outside ``ase_race``: the user's script or the CLI call that read
+    the config, not the package function that noticed (``skip_file_prefixes`` needs Python 3.12)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 class RaceError(CalculatorError):

@@ -500,6 +500,26 @@ def test_earlier_configs_with_ivon_warm_start_epochs_still_read():
     earlier["ivon"]["warm_start"] = 5
     with pytest.raises(ConfigError, match="'warm_start' only"):
         TrainConfig.from_dict(earlier)
+    # The warning names the caller's line, not the package's.
+    with pytest.warns(FutureWarning) as caught:
+        TrainConfig(ivon={"warm_start_epochs": 3})
+    assert caught[0].filename == __file__
+    # An option given on top of an old config wins, under either name.
+    with pytest.warns(FutureWarning):
+        assert config.replace(ivon={"warm_start_epochs": 4}).ivon.warm_start == 4
+    assert config.replace(ivon={"warm_start": 6}).ivon.warm_start == 6
+
+
+def test_an_override_wins_over_an_earlier_option_name_in_the_yaml(tmp_path):
+    from ase_race.training import TrainConfig
+
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("method: ivon\nivon:\n  warm_start_epochs: 10\n")
+    new.write_text("method: ivon\nivon:\n  warm_start: 7\n")
+    assert TrainConfig.from_yaml(str(old), ["ivon.warm_start=5"]).ivon.warm_start == 5
+    with pytest.warns(FutureWarning):
+        assert TrainConfig.from_yaml(str(old)).ivon.warm_start == 10
+        assert TrainConfig.from_yaml(str(new), ["ivon.warm_start_epochs=3"]).ivon.warm_start == 3
 
 
 @pytest.mark.parametrize("method", ["ivon", "swag"])

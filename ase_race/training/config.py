@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..config import LOSSES, ModelConfig, coerce_field
-from ..errors import ConfigError
+from ..errors import ConfigError, warn_caller
 
 
 class ReadOnlyDict(dict):
@@ -246,7 +245,10 @@ class TrainConfig:
             if dot:
                 if not isinstance(data.get(section, {}), dict):
                     raise ConfigError(f"override {item!r}: {section!r} is not a section")
-                data[section] = {**(data.get(section) or {}), name: parsed}
+                current = dict(data.get(section) or {})
+                for spelling in _spellings(section, name):
+                    current.pop(spelling, None)  # the override wins over the file's other name for it
+                data[section] = {**current, name: parsed}
             else:
                 data[key] = parsed
         try:
@@ -264,6 +266,13 @@ def _section(method, kind: str, value: Any) -> Any:
     raise ConfigError(f"the {kind!r} section must be a mapping of options, got {value!r}")
 
 
+def _spellings(kind: str, name: str) -> set[str]:
+    """The other names of option ``name`` of method ``kind`` (earlier and current), if it has any."""
+    method = _methods().get(kind)
+    renamed = method.Options.renamed if method is not None and method.Options is not None else {}
+    return {spelling for pair in renamed.items() if name in pair for spelling in pair} - {name}
+
+
 def _merge(method, kind: str, current: Any, value: Any) -> Any:
     """``current`` updated by the keys of ``value`` (a dict), or ``value`` itself (an instance)."""
     if isinstance(value, Mapping) and current is not None:
@@ -277,4 +286,4 @@ def _merge(method, kind: str, current: Any, value: Any) -> Any:
 
 def warn_deprecated(old: str, new: str) -> None:
     """The message for a flat key of an earlier release."""
-    warnings.warn(f"training config key {old!r} is deprecated; write {new!r} instead", FutureWarning, stacklevel=3)
+    warn_caller(f"training config key {old!r} is deprecated; write {new!r} instead")

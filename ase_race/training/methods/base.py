@@ -10,13 +10,12 @@ config and the CLI. The predictive side of the same method is a
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 from ...config import coerce_field
-from ...errors import ConfigError
+from ...errors import ConfigError, warn_caller
 from ...posteriors import Posterior
 
 
@@ -38,7 +37,7 @@ class MethodOptions:
             if old in data:
                 if new in data:
                     raise ConfigError(f"{cls.__name__}: give {new!r} only ({old!r} is its earlier name)")
-                warnings.warn(f"{cls.__name__}: option {old!r} is deprecated; write {new!r} instead", FutureWarning, stacklevel=2)
+                warn_caller(f"{cls.__name__}: option {old!r} is deprecated; write {new!r} instead")
                 data[new] = data.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
