@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from ase.io import read, write
+from ase.io import read
 
-from ase_race.modelfile import atomic_write_text
+from ase_race.data import write_structures
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "3bpa"
 
@@ -23,15 +22,8 @@ def mixed_temperature_test_set(out: Path) -> Path:
     unique = [a for a in mixed if np.round(a.positions, 5).tobytes() not in seen]
     print(f"test set: {len(mixed)} mixed-temperature frames, {len(mixed) - len(unique)} shared with the 300 K file, "
           f"{len(unique)} kept")
-    write_extxyz(path, unique)
+    write_structures(path, unique)  # atomic: benchmark processes started side by side share it
     return path
-
-
-def write_extxyz(path: Path, frames) -> None:
-    """Write ``frames`` to ``path`` atomically: benchmark processes started side by side share these files."""
-    buffer = io.StringIO()
-    write(buffer, frames, format="extxyz")
-    atomic_write_text(path, buffer.getvalue())
 
 
 def md_temperatures(energies, energies_300k, temperatures=(300.0, 600.0, 1200.0)) -> np.ndarray:

@@ -27,9 +27,9 @@ import numpy as np
 
 from ase_race.active.loop import active_learn, label_from_pool, plot_curves, read_curve
 from ase_race.training import TrainConfig
-from ase_race.data import KeyMap, read_frames, split_frames
+from ase_race.data import KeyMap, read_frames, split_frames, write_structures
 
-from _bpa import DATA, mixed_temperature_test_set, write_extxyz
+from _bpa import DATA, mixed_temperature_test_set
 
 KEYS = KeyMap(energy="energy", forces="forces")
 
@@ -93,7 +93,7 @@ def main() -> None:
     pool_frames, valid_frames = split_frames(frames, args.n_valid, seed=12345)
     valid_file = root / "valid.extxyz"
     if not valid_file.exists():
-        write_extxyz(valid_file, [label_from_pool(valid_frames)(i) for i in range(len(valid_frames))])
+        write_structures(valid_file, [label_from_pool(valid_frames)(i) for i in range(len(valid_frames))])
     test = read_frames(mixed_temperature_test_set(root), keys=KEYS)
     pool = [f.atoms for f in pool_frames]
     base = config(args, valid_file)
@@ -102,12 +102,12 @@ def main() -> None:
     for seed in seeds:
         for strategy in strategies:
             out = root / f"seed{seed}" / strategy
-            first = root / f"seed{seed}" / strategies[0] / "round_00"
-            if strategy != strategies[0] and not (out / "round_00").exists() and (first / "model.pt").exists():
-                shutil.copytree(first, out / "round_00")  # same seed → same initial set and models
             if args.report:
                 curves[strategy, seed] = recorded_curve(out / "learning_curve.csv", sizes)
                 continue
+            first = root / f"seed{seed}" / strategies[0] / "round_00"
+            if strategy != strategies[0] and not (out / "round_00").exists() and (first / "model.pt").exists():
+                shutil.copytree(first, out / "round_00")  # same seed → same initial set and models
             curves[strategy, seed] = active_learn(
                 pool, label_from_pool(pool_frames), base.replace(seed=seed), sizes, strategy, out, test=test,
                 seed=seed, structures_per_round=args.structures_per_round, min_epochs=args.min_epochs,
@@ -129,11 +129,14 @@ def main() -> None:
     def spread(strategy, what):
         return np.std([[getattr(r, what) for r in curves[strategy, s]] for s in seeds], axis=0)
 
+    def needed(n: float) -> str:
+        return "never" if np.isnan(n) else f"≤{n:.0f}" if n <= sizes[0] else f"{n:.0f}"
+
     layers = f" with {args.layers} layers" if args.layers else ""
     for seed in seeds:
         wall = sum(r.wall_s for strategy in strategies for r in curves[strategy, seed])
         print(f"seed {seed}: {wall / 60:.0f} wall minutes of one thread, all strategies")
-    print(f"\n3BPA active learning: preset {args.preset}{layers}, {args.members}-member ensembles, seeds {seeds}; "
+    print(f"\n3BPA active learning: preset {args.preset}{layers}, {args.members}-member ensembles (as given), seeds {seeds}; "
           f"test = {len(test)} mixed-temperature frames; mean ± std over seeds")
     for what, label in (("forces_mae", "force MAE (meV/Å)"), ("energy_mae", "energy MAE (meV)")):
         print(f"\n{label}")
@@ -145,13 +148,13 @@ def main() -> None:
         for what, label in (("forces_mae", "force"), ("energy_mae", "energy")):
             target = mean_curve("random", what)[-1]
             print(f"\nlabelled structures needed to reach random sampling's {label} MAE at {sizes[-1]} "
-                  f"(log-interpolated; 'mean': on the mean curves, then each seed against its own random run):")
+                  f"(log-interpolated; 'mean': on the mean curves, then each seed against its own random run; never: not within these sizes):")
             print(f"{'strategy':>11} {'mean':>8} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds))
             for strategy in strategies:
                 need = [interpolate_size(sizes, mean_curve(strategy, what), target)] + [
                     interpolate_size(sizes, [getattr(r, what) for r in curves[strategy, s]],
                                      getattr(curves["random", s][-1], what)) for s in seeds]
-                print(f"{strategy:>11} " + " ".join(f"{n:8.0f}" for n in need))
+                print(f"{strategy:>11} " + " ".join(f"{needed(n):>8}" for n in need))
     mean_curves = {s: [type(c[0])(0, n, e, 0.0, f, 0.0, 0.0) for n, e, f in zip(
         sizes, mean_curve(s, "energy_mae"), mean_curve(s, "forces_mae"))] for s in strategies for c in [curves[s, seeds[0]]]}
     plot_curves(mean_curves, root / "learning_curves.png",

@@ -89,3 +89,29 @@ def test_temporary_names_carry_host_and_pid_and_orphans_of_dead_writers_are_remo
     assert not orphan.exists() and alive.exists() and foreign.exists() and longer.exists()
     assert path.read_bytes() == b"whole\n"
     assert remove_orphans(tmp_path / "frames.extxyz.b") == [longer]
+
+
+def test_write_structures_round_trips_labels_and_a_failure_keeps_the_old_file(tmp_path):
+    import numpy as np
+    from ase import Atoms
+    from ase.io import read
+
+    from ase_race.data import write_structures
+
+    atoms = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])
+    atoms.info["REF_energy"] = -14.25
+    atoms.arrays["REF_forces"] = np.arange(9.0).reshape(3, 3)
+    path = write_structures(tmp_path / "sub" / "set.extxyz", [atoms, atoms])
+    back = read(path, ":")
+    assert len(back) == 2 and back[1].info["REF_energy"] == -14.25
+    np.testing.assert_array_equal(back[0].arrays["REF_forces"], atoms.arrays["REF_forces"])
+    np.testing.assert_allclose(back[0].positions, atoms.positions, atol=1e-12)
+
+    def broken():
+        yield atoms
+        raise RuntimeError("labeller died")
+
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="labeller died"):
+        write_structures(path, broken())
+    assert path.read_bytes() == before and sorted(os.listdir(path.parent)) == ["set.extxyz"]

@@ -42,9 +42,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.io import read, write
+from ase.io import read
 
-from ..data import Frame, KeyMap
+from ..data import Frame, KeyMap, write_structures
 from ..errors import ConfigError
 from ..evaluation import mae, rmse
 from .._atomic import atomic_write_text
@@ -201,7 +201,7 @@ def active_learn(
             new_labels = [known[i] if i in known else label(i) for i in labelled]
             for i, atoms in zip(labelled, new_labels):
                 atoms.info["pool_index"] = int(i)
-            _atomic_write_extxyz(train_file, new_labels)
+            write_structures(train_file, new_labels)
         # Train on the structures as recorded (extxyz keeps positions to 1e-8 Å), so that a
         # resumed loop trains on exactly the data an uninterrupted one did.
         known.update({int(a.info["pool_index"]): a for a in read(train_file, ":")})
@@ -292,12 +292,6 @@ def _test_errors(g) -> tuple[float, float, float, float]:
     """(energy MAE, energy RMSE, force MAE, force RMSE) of a :class:`~ase_race.training.assess.Gathered`."""
     e, f = g.energy_ref - g.energy_pred, g.forces_ref - g.forces_pred
     return mae(e), rmse(e), mae(f), rmse(f)
-
-
-def _atomic_write_extxyz(path: Path, frames: list[Atoms]) -> None:
-    buffer = io.StringIO()
-    write(buffer, frames, format="extxyz")
-    atomic_write_text(path, buffer.getvalue())
 
 
 def write_curve(curve: Sequence[RoundResult], path: str | Path) -> None:

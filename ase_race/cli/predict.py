@@ -87,10 +87,8 @@ def store_prediction(atoms, results: dict, prefix: str = K.INFO_PREFIX) -> None:
 
 
 def run(args) -> int:
-    from ase.io import write
-
     from ..calculator import RACECalculator
-    from ..data import read_structures
+    from ..data import read_structures, write_structures
 
     _check_prefix(args.info_prefix)
     calc = RACECalculator(args.model, device=args.device, dtype=args.dtype)
@@ -105,7 +103,7 @@ def run(args) -> int:
         store_prediction(atoms, r, args.info_prefix)
         atoms.calc = labels
     if args.output:
-        write(args.output, frames, format="extxyz")
+        write_structures(args.output, frames)
         print(f"wrote {len(frames)} frames (labels kept; predictions and uncertainties under "
               f"{args.info_prefix}*) to {args.output}")
     return 0

@@ -22,12 +22,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import numpy as np
-    from ase.io import write
 
     from ..active import acquisition_scores, select
     from ..active.acquisition import rdf_descriptor
     from ..calculator import RACECalculator
-    from ..data import read_structures
+    from ..data import read_structures, write_structures
 
     pool = read_structures(args.pool)
     calc = None if args.strategy == "random" else RACECalculator(args.model, device=args.device, dtype=args.dtype)
@@ -41,6 +40,6 @@ def run(args) -> int:
         atoms.info.update({"pool_index": index, "acquisition": args.strategy, "acquisition_score": float(scores[index])})
         out.append(atoms)
         print(f"{rank:4d} {index:6d} {scores[index]:12.5g}")
-    write(args.output, out, format="extxyz")
+    write_structures(args.output, out)
     print(f"wrote {len(out)} structures to {args.output}")
     return 0

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.io import write
 from ase.io.formats import string2index
 from ase.units import kcal, mol
 
 from ..errors import DataError
 from .readers import Frame, KeyMap, frame_from_atoms
+from .writers import write_structures
 
 KCAL_MOL = kcal / mol  # eV per kcal/mol
 _KEYS = ("nuclear_charges", "coords", "energies", "forces")
@@ -70,6 +70,6 @@ def convert(data_dir: str | Path, out_dir: str | Path, molecule: str = "ethanol"
     paths = {}
     for part in ("train", "test"):
         paths[part] = out_dir / f"{part}.extxyz"
-        write(paths[part], read_rmd17_atoms(data_dir / f"rmd17_{molecule}_{part}_{split}.npz"), format="extxyz")
+        write_structures(paths[part], read_rmd17_atoms(data_dir / f"rmd17_{molecule}_{part}_{split}.npz"))
     paths["e0s"] = data_dir / "isolated_atoms_PBE_def2-SVP.xyz"
     return paths

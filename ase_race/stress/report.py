@@ -23,7 +23,6 @@ Spearman ρ of σ_E and of ``max_forces_std`` against the bond length (1 = risin
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ from ase import Atoms
 
 from .. import _keys as K
 from .._atomic import atomic_write_text
+from ..data import write_structures
 from ..evaluation import auroc, spearman
 from .structures import KINDS, Probe, atom_pairs, bond_scans, bonds, md_frames, normal_mode_scans, small_molecules, sound
 
@@ -108,7 +108,7 @@ def label(probes: Sequence[Probe], reference: Reference, cache: str | Path | Non
     """Reference energies and forces for ``probes``; a probe for which every reference
     calculator fails is left out (and logged). With ``cache`` (an extxyz file), labels of probes already there
     (same kind, scan, coordinate and positions to 1e-6 Å) are reused and new ones added."""
-    from ase.io import read, write
+    from ase.io import read
 
     known: dict[str, Atoms] = {}
     if cache is not None and Path(cache).exists():
@@ -130,9 +130,7 @@ def label(probes: Sequence[Probe], reference: Reference, cache: str | Path | Non
         known[_key(probe)] = record
         new += 1
         if cache is not None:  # after every call: a killed run loses at most one label
-            buffer = io.StringIO()
-            write(buffer, list(known.values()), format="extxyz")
-            atomic_write_text(Path(cache), buffer.getvalue())
+            write_structures(cache, known.values())
     log.info("labelled %d probes (%d new reference calls)", len(scored), new)
     return scored
 
