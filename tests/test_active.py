@@ -205,3 +205,19 @@ def test_warm_start_fine_tunes_the_previous_round(tmp_path):
     a, b = first.posterior.members[0], second.posterior.members[0]
     assert a.config == b.config
     assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_learning_curve_plot_labels_the_sizes_in_plain_numbers(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from ase_race.active.loop import RoundResult, plot_curves
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: saved.append(self) or open(path, "wb").close())
+    curve = [RoundResult(k, n, 0.4 / (k + 1), 0.0, 0.3 / (k + 1), 0.0, 1.0) for k, n in enumerate([20, 50, 100])]
+    path = plot_curves({"random": curve, "bald-e": curve[:2]}, tmp_path / "c.png")
+    assert path.exists() and len(saved) == 1
+    for ax in saved[0].axes:
+        assert list(ax.get_xticks()) == [20, 50, 100]
+        assert [ax.xaxis.get_major_formatter()(v, i) for i, v in enumerate([20, 50, 100])] == ["20", "50", "100"]
+        assert ax.yaxis.get_major_formatter()(400.0, 0) == "400"

@@ -320,7 +320,10 @@ def read_curve(path: str | Path) -> list[RoundResult]:
 def plot_curves(curves: dict[str, Sequence[RoundResult]], path: str | Path, title: str = "") -> Path:
     """Energy and force MAE against labelled-set size (log–log), one line per label."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 400, not 4×10²; log axes would crowd the minors
+    sizes = sorted({r.n_train for curve in curves.values() for r in curve})
     fig = Figure(figsize=(9, 3.6))
     axes = fig.subplots(1, 2)
     for name, curve in curves.items():
@@ -330,6 +333,8 @@ def plot_curves(curves: dict[str, Sequence[RoundResult]], path: str | Path, titl
     for ax, what in zip(axes, ("energy MAE (meV)", "force MAE (meV/Å)")):
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("labelled structures"), ax.set_ylabel(what)
+        ax.set_xticks(sizes), ax.xaxis.set_major_formatter(plain), ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(plain), ax.yaxis.set_minor_formatter(plain)
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8)
     if title:
