@@ -34,6 +34,10 @@ def test_config_is_frozen_including_the_model_overrides():
         config.lr = 1.0
     with pytest.raises(TypeError):
         config.model["num_layers"] = 4
+    for method in registered_methods().values():  # the renames are shared by every config
+        if method.Options is not None:
+            with pytest.raises(TypeError):
+                method.Options.renamed["lr"] = "step_size"
 
 
 def test_flat_keys_of_earlier_releases_are_read_with_a_deprecation_message():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
 
 from ...config import coerce_field
@@ -28,7 +29,7 @@ class MethodOptions:
     training_keys: ClassVar[tuple[str, ...]] = ()
     #: option names of earlier releases → their names now (configs and checkpoints that hold
     #: them are read, with a FutureWarning).
-    renamed: ClassVar[dict[str, str]] = {}
+    renamed: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):

@@ -12,6 +12,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -57,7 +58,7 @@ class IVONOptions(MethodOptions):
 
     training_keys = ("lr", "ess", "hess_init", "beta2", "weight_decay", "train_samples", "clip_radius",
                      "warm_start")
-    renamed = {"warm_start_epochs": "warm_start"}  # a count then, which warm_start reads the same
+    renamed = MappingProxyType({"warm_start_epochs": "warm_start"})  # a count then, which warm_start reads the same
 
     def __post_init__(self) -> None:
         if self.train_samples < 1:
